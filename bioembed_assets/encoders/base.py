@@ -1,0 +1,104 @@
+"""The one encoder protocol, its spec, and a registry of encoder families by name (as timm does)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder expects and produces.
+
+    `channels` is None for channel-agnostic encoders (any number of channels, any order);
+    otherwise the stains it expects, in order. `input_size` is the square crop side in pixels
+    the encoder consumes (the inference engine resizes crops to it). `config` holds the family's
+    constructor arguments, enough to rebuild the encoder (stored in the registry).
+    """
+
+    family: str
+    embedding_dim: int
+    input_size: int
+    channels: tuple[str, ...] | None = None
+    per_cell: bool = True
+    trainable: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels) if self.channels is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderSpec":
+        d = dict(d)
+        if d.get("channels") is not None:
+            d["channels"] = tuple(d["channels"])
+        return cls(**d)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Anything that turns a batch of single-cell crops into vectors.
+
+    `embed` takes raw crops `images` (B, C, H, W) in their stored dtype (uint8/uint16) and
+    the cell masks `masks` (B, H, W) bool, and returns float32 (B, spec.embedding_dim).
+    H == W == spec.input_size (the engine resizes). `state_dict` returns the learnable
+    weights ({} for parameter-free encoders); `load_state_dict` restores them strictly.
+    """
+
+    spec: EncoderSpec
+
+    def embed(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> Any: ...
+
+    def to(self, device: str | torch.device) -> Any: ...
+
+
+EncoderBuilder = Callable[..., Encoder]
+_FAMILIES: dict[str, EncoderBuilder] = {}
+
+
+def register_family(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
+    """Decorator registering a builder `builder(**config) -> Encoder` under `name`."""
+
+    def deco(builder: EncoderBuilder) -> EncoderBuilder:
+        if name in _FAMILIES and _FAMILIES[name] is not builder:
+            raise ValueError(f"encoder family {name!r} is already registered")
+        _FAMILIES[name] = builder
+        return builder
+
+    return deco
+
+
+def _import_families() -> None:
+    # Importing the family modules runs their @register_family decorators.
+    from bioembed_assets.encoders import camae, classical  # noqa: F401
+
+
+def list_families() -> list[str]:
+    """Names of all registered encoder families."""
+    _import_families()
+    return sorted(_FAMILIES)
+
+
+def build_encoder(family: str, **config: Any) -> Encoder:
+    """Build an encoder of `family` with the given constructor config (random/untrained weights)."""
+    _import_families()
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown encoder family {family!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[family](**config)
+
+
+def build_from_spec(spec: EncoderSpec, state_dict: dict[str, torch.Tensor] | None = None) -> Encoder:
+    """Rebuild an encoder from a stored spec and, if given, its weights (strict)."""
+    encoder = build_encoder(spec.family, **spec.config)
+    if state_dict:
+        encoder.load_state_dict(state_dict)
+    return encoder
