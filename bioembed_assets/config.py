@@ -1,0 +1,84 @@
+"""Where things live under a bioembed home, and the typed settings of a deployment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from bioembed_assets.schema import validate_plate_name
+
+HOME_ENV_VAR = "BIOEMBED_HOME"
+
+
+class Home(BaseModel):
+    """A bioembed home folder: raw data, zarr stores, the parquet lake, the catalog, MLflow.
+
+    Every path of the platform is derived here, so no other module builds paths by hand.
+    """
+
+    root: Path
+
+    @classmethod
+    def from_env(cls, default: str | Path = "bioembed-home") -> "Home":
+        return cls(root=Path(os.environ.get(HOME_ENV_VAR, default)).expanduser().resolve())
+
+    # -- raw data and stores ---------------------------------------------------------------
+    @property
+    def raw_root(self) -> Path:
+        return self.root / "raw"
+
+    def raw_plate_dir(self, plate: str) -> Path:
+        return self.raw_root / validate_plate_name(plate)
+
+    def image_store(self, plate: str) -> Path:
+        return self.root / "zarr" / "images" / f"{validate_plate_name(plate)}.zarr"
+
+    def mask_store(self, plate: str) -> Path:
+        return self.root / "zarr" / "masks" / f"{validate_plate_name(plate)}.zarr"
+
+    def crop_store(self, plate: str) -> Path:
+        return self.root / "zarr" / "crops" / f"{validate_plate_name(plate)}.zarr"
+
+    # -- lake, catalog, models ---------------------------------------------------------------
+    @property
+    def lake(self) -> Path:
+        return self.root / "lake"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "bioembed.duckdb"
+
+    @property
+    def normalizers(self) -> Path:
+        return self.root / "normalizers"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster"
+
+    def ensure(self) -> "Home":
+        for p in (self.root, self.raw_root, self.lake, self.dagster_home, self.mlflow_artifacts):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+class EncoderChoice(BaseModel):
+    """One encoder the platform embeds with: a registered-model name and how to build v1."""
+
+    name: str
+    family: str
+    config: dict = Field(default_factory=dict)

@@ -1,0 +1,243 @@
+"""One function per stage of the asset graph, over a bioembed Home and a plate.
+
+These are what the Dagster assets call (and what a notebook can call directly): each reads
+its inputs from the home, writes its outputs atomically, and returns a small summary dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from bioembed_assets import schema as s
+from bioembed_assets.config import Home
+from bioembed_assets.encoders.base import Encoder, build_encoder
+from bioembed_assets.evaluate.batch import batch_effect_scores
+from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
+from bioembed_assets.evaluate.retrieval import fraction_retrieved, moa_map, replicate_map
+from bioembed_assets.images.store import ingest_plate
+from bioembed_assets.inference import ProgressCallback, embed_crop_store
+from bioembed_assets.profiles.aggregate import aggregate_to_wells
+from bioembed_assets.profiles.normalize import PCACenterScale
+from bioembed_assets.registry import EncoderVersion
+from bioembed_assets.segment.crops import extract_crops
+from bioembed_assets.segment.plate import segment_plate
+from bioembed_assets.sources.phenix import list_phenix_fields
+from bioembed_assets.sources.platemap import read_platemap
+from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
+from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
+
+RAW_RECIPE = "raw"
+CARD_RECIPE = PCACenterScale.recipe
+PLATEMAP_FILE = "platemap.csv"
+
+
+@dataclass(frozen=True)
+class EncoderSetup:
+    """An encoder the platform embeds with: registered-model name + how to build version 1."""
+
+    name: str
+    family: str
+    config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def build(self) -> Encoder:
+        return build_encoder(self.family, **self.config)
+
+
+DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
+    EncoderSetup("classical", "classical", {},
+                 "CellProfiler-like intensity, shape, texture and correlation features"),
+    EncoderSetup("ca_mae", "ca_mae", {"preset": "demo", "seed": 0},
+                 "Channel-agnostic MAE ViT (OpenPhenom architecture), small CPU configuration"),
+)
+
+
+# -- per-plate stages ---------------------------------------------------------------------------
+def ingest_raw_plate(home: Home, plate: str, channel_map: dict[int, str] = SYNTHETIC_CHANNEL_MAP) -> dict:
+    """Raw acquisition folder -> zarr plate store + `images` lake partition."""
+    channels = [channel_map[k] for k in sorted(channel_map)]
+    fields_ = list_phenix_fields(home.raw_plate_dir(plate), plate, channel_map)
+    table = ingest_plate(fields_, home.image_store(plate), channels)
+    Lake(home.lake).write("images", table, plate=plate)
+    return {"fields": table.height, "wells": table["well"].n_unique(), "channels": channels}
+
+
+def load_platemap(home: Home, plate: str) -> dict:
+    """The plate's platemap CSV -> validated `platemap` lake partition."""
+    platemap = read_platemap(home.raw_plate_dir(plate) / PLATEMAP_FILE, plate)
+    Lake(home.lake).write("platemap", platemap, plate=plate)
+    counts = platemap.group_by(s.CONTROL_TYPE).len().sort(s.CONTROL_TYPE)
+    return {"wells": platemap.height, **{f"{r[0]}_wells": r[1] for r in counts.iter_rows()}}
+
+
+def segment_raw_plate(home: Home, plate: str, progress: bool = False) -> dict:
+    """Nuclei segmentation of every field -> mask store + `nuclei` lake partition."""
+    lake = Lake(home.lake)
+    images = lake.read("images", plate=plate)
+    _require(images, "images", plate, "raw_plate")
+    nuclei = segment_plate(home.image_store(plate), images, home.mask_store(plate), progress=progress)
+    lake.write("nuclei", nuclei, plate=plate)
+    return {"nuclei": nuclei.height, "fields": images.height,
+            "nuclei_per_field": round(nuclei.height / max(images.height, 1), 1)}
+
+
+def crop_cells(home: Home, plate: str, crop_size: int = 64) -> dict:
+    """Single-cell crops around each nucleus -> crop store + `cells` lake partition."""
+    lake = Lake(home.lake)
+    nuclei = lake.read("nuclei", plate=plate)
+    _require(nuclei, "nuclei", plate, "segmentation")
+    cells, summary = extract_crops(home.image_store(plate), home.mask_store(plate), nuclei,
+                                   home.crop_store(plate), crop_size=crop_size)
+    lake.write("cells", cells, plate=plate)
+    per_well = cells.group_by(s.WELL).len()["len"]
+    return {**summary, "min_cells_per_well": int(per_well.min() or 0) if len(per_well) else 0,
+            "wells_with_cells": len(per_well)}
+
+
+def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersion,
+                batch_size: int = 256, progress: ProgressCallback | None = None) -> dict:
+    """Every crop of the plate through one encoder version -> `embeddings` lake partition."""
+    lake = Lake(home.lake)
+    cells = lake.read("cells", plate=plate).sort("crop_index")
+    _require(cells, "cells", plate, "crops")
+    X = embed_crop_store(encoder, home.crop_store(plate), batch_size=batch_size, progress=progress)
+    if X.shape[0] != cells.height:
+        raise RuntimeError(f"plate {plate}: {X.shape[0]} embeddings for {cells.height} cells")
+    meta = cells.select(s.PLATE, s.WELL, s.SITE, s.CELL_ID).with_columns(
+        pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION))
+    lake.write("embeddings", with_features(meta, X), encoder=version.name, version=version.version,
+               plate=plate)
+    return {"cells": int(X.shape[0]), "dim": int(X.shape[1]), "nan_rows": int(np.isnan(X).any(1).sum())}
+
+
+def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
+    """Cell embeddings -> per-well median profiles annotated with the platemap."""
+    lake = Lake(home.lake)
+    emb = lake.read("embeddings", encoder=version.name, version=version.version, plate=plate)
+    _require(emb, "embeddings", plate, "embeddings")
+    platemap = lake.read("platemap", plate=plate)
+    _require(platemap, "platemap", plate, "platemap")
+    meta = emb.drop(s.FEATURES).join(platemap.drop(s.PLATE), on=s.WELL, how="left")
+    unmapped = meta.filter(pl.col(s.PERTURBATION).is_null())[s.WELL].unique().to_list()
+    if unmapped:
+        raise s.BioembedInputError(f"wells with images but no platemap entry: {sorted(unmapped)}",
+                                   plate=plate)
+    wells_meta, W = aggregate_to_wells(meta, features_to_numpy(emb))
+    wells_meta = wells_meta.select(s.PLATE, s.WELL, s.PERTURBATION, s.CONTROL_TYPE, s.MOA,
+                                   s.ENCODER, s.ENCODER_VERSION, "n_cells")
+    lake.write("well_profiles", with_features(wells_meta, W), encoder=version.name,
+               version=version.version, plate=plate)
+    missing = sorted(set(platemap[s.WELL]) - set(wells_meta[s.WELL]))
+    return {"wells": wells_meta.height, "wells_without_cells": len(missing)}
+
+
+# -- across plates ------------------------------------------------------------------------------
+def _profiles(home: Home, table: str, version: EncoderVersion, **keys: str) -> tuple[pl.DataFrame, np.ndarray]:
+    df = Lake(home.lake).read(table, encoder=version.name, version=version.version, **keys)
+    if df.height == 0:
+        raise LookupError(f"no {table} for encoder {version.name} v{version.version}{keys or ''}")
+    df = df.sort(s.PLATE, s.WELL)
+    return df.drop(s.FEATURES), features_to_numpy(df)
+
+
+def normalizer_path(home: Home, version: EncoderVersion, recipe: str = CARD_RECIPE) -> Path:
+    return home.normalizers / f"encoder={version.name}" / f"version={version.version}" / f"recipe={recipe}"
+
+
+def _is_negative(meta: pl.DataFrame) -> np.ndarray:
+    return (meta[s.CONTROL_TYPE] == s.ControlType.NEGATIVE).to_numpy()
+
+
+def fit_normalizer(home: Home, version: EncoderVersion) -> dict:
+    """Fit the card recipe (PCA on controls of all plates, per-plate scaling) and store it."""
+    meta, X = _profiles(home, "well_profiles", version)
+    norm = PCACenterScale().fit(X, meta[s.PLATE].to_numpy(), _is_negative(meta))
+    norm.save(normalizer_path(home, version))
+    return {"plates": meta[s.PLATE].n_unique(), "control_wells": int(_is_negative(meta).sum()),
+            "wells": meta.height}
+
+
+def normalize_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
+    """One plate's well profiles through the stored normalizer -> `normalized_profiles`."""
+    meta, X = _profiles(home, "well_profiles", version, plate=plate)
+    norm = PCACenterScale.load(normalizer_path(home, version))
+    Y = norm.transform(X, meta[s.PLATE].to_numpy(), _is_negative(meta))
+    out = with_features(meta.with_columns(pl.lit(CARD_RECIPE).alias(s.RECIPE)), Y)
+    Lake(home.lake).write("normalized_profiles", out, encoder=version.name,
+                          version=version.version, recipe=CARD_RECIPE, plate=plate)
+    return {"wells": out.height, "dim": int(Y.shape[1])}
+
+
+@dataclass
+class Evaluation:
+    """Scalar metrics per recipe, per-group mAP tables, and PNG plots of one encoder version."""
+
+    metrics: pl.DataFrame
+    groups: pl.DataFrame
+    plots: dict[str, bytes]
+
+    def value(self, recipe: str, metric: str) -> float:
+        row = self.metrics.filter((pl.col(s.RECIPE) == recipe) & (pl.col("metric") == metric))
+        return float(row["value"][0]) if row.height else float("nan")
+
+
+def evaluate_version(home: Home, version: EncoderVersion, null_size: int = 10000, seed: int = 0) -> Evaluation:
+    """Replicate/MoA retrieval and plate effect, before (raw) and after (card) normalization."""
+    feature_sets = {RAW_RECIPE: _profiles(home, "well_profiles", version),
+                    CARD_RECIPE: _profiles(home, "normalized_profiles", version, recipe=CARD_RECIPE)}
+    rows, groups, plots = [], [], {}
+    for recipe, (meta, X) in feature_sets.items():
+        rep = replicate_map(meta, X, null_size=null_size, seed=seed)
+        moa = moa_map(meta, X, null_size=null_size, seed=seed)
+        batch = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=_is_negative(meta))
+        scalars = {"replicate_map": rep["mean_average_precision"].mean(),
+                   "fraction_retrieved": fraction_retrieved(rep),
+                   "moa_map": moa["mean_average_precision"].mean(),
+                   "moa_fraction_retrieved": fraction_retrieved(moa), **batch}
+        rows += [(recipe, k, float(v) if v is not None else float("nan")) for k, v in scalars.items()]
+        for kind, df in (("replicate", rep), ("moa", moa)):
+            groups.append(df.select(
+                pl.lit(recipe).alias(s.RECIPE), pl.lit(kind).alias("kind"),
+                pl.col("group").cast(pl.Utf8), "mean_average_precision", "p_value",
+                "corrected_p_value", "below_corrected_p"))
+        treated = meta[s.CONTROL_TYPE].to_numpy() != s.ControlType.NEGATIVE
+        plots[f"{recipe}_map"] = embedding_map_png(
+            X, {"MoA": np.where(treated, meta[s.MOA].fill_null("").to_numpy(), "DMSO"),
+                "plate": meta[s.PLATE].to_numpy()},
+            title=f"{version.name} v{version.version} ({recipe})")
+        plots[f"{recipe}_map_vs_p"] = map_vs_pvalue_png(rep)
+    ident = [pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION)]
+    metrics = pl.DataFrame(rows, schema=[s.RECIPE, "metric", "value"], orient="row").with_columns(ident)
+    group_df = pl.concat(groups).with_columns(ident)
+    lake = Lake(home.lake)
+    lake.write("metrics", metrics, encoder=version.name, version=version.version)
+    lake.write("replicate_map", group_df, encoder=version.name, version=version.version)
+    return Evaluation(metrics, group_df, plots)
+
+
+def plates_in(home: Home, table: str, **keys: str) -> list[str]:
+    """Plates that have a partition of `table` (matching `keys`)."""
+    return sorted({p["plate"] for p in Lake(home.lake).partitions(table, **keys)})
+
+
+def _require(df: pl.DataFrame, table: str, plate: str, asset: str) -> None:
+    if df.height == 0:
+        raise LookupError(f"plate {plate}: no {table} rows; materialize `{asset}` for this plate first")
+
+
+def encoder_setups(names: Sequence[str]) -> list[EncoderSetup]:
+    """The default encoder setups selected by registered-model name."""
+    known = {e.name: e for e in DEFAULT_ENCODERS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown encoders {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]
+
+
+ProgressFactory = Callable[[str], ProgressCallback]

@@ -1,0 +1,62 @@
+"""Text summaries of a home's results, read from the DuckDB catalog (read-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from bioembed_assets.store.catalog import connect, example_queries
+
+_METRICS_SQL = """
+SELECT encoder, encoder_version, recipe, metric, value FROM metrics
+WHERE metric IN ('replicate_map', 'fraction_retrieved', 'moa_map', 'moa_fraction_retrieved',
+                 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance')
+"""
+
+_GROUND_TRUTH_SQL = """
+SELECT m.encoder, m.recipe, g.active,
+       count(*) AS perturbations,
+       avg(m.mean_average_precision) AS mean_map,
+       avg(CASE WHEN m.below_corrected_p THEN 1.0 ELSE 0.0 END) AS fraction_retrieved
+FROM replicate_map m
+JOIN read_csv_auto(?) g ON g.perturbation = m."group"
+WHERE m.kind = 'replicate'
+GROUP BY ALL ORDER BY m.encoder, m.recipe, g.active DESC
+"""
+
+
+def metrics_table(catalog: Path) -> pl.DataFrame:
+    """One row per encoder version and recipe, one column per headline metric."""
+    with connect(catalog) as con:
+        long = con.sql(_METRICS_SQL).pl()
+    if long.height == 0:
+        return long
+    return long.pivot(on="metric", index=["encoder", "encoder_version", "recipe"], values="value").sort(
+        "encoder", pl.col("recipe").replace({"raw": "0", "card": "1"}))
+
+
+def ground_truth_table(catalog: Path, ground_truth_csv: Path) -> pl.DataFrame:
+    """Retrieval of truly active vs truly inactive perturbations (synthetic screens)."""
+    with connect(catalog) as con:
+        return con.execute(_GROUND_TRUTH_SQL, [str(ground_truth_csv)]).pl()
+
+
+def run_example(catalog: Path, name: str) -> tuple[str, pl.DataFrame]:
+    """The SQL text of example `name` from sql/examples.sql and its result."""
+    sql = example_queries()[name]
+    with connect(catalog) as con:
+        return sql, con.sql(sql).pl()
+
+
+def format_metrics(df: pl.DataFrame) -> str:
+    """A compact text table of `metrics_table` for terminals."""
+    cols = {"replicate_map": "rep mAP", "fraction_retrieved": "retrieved", "moa_map": "MoA mAP",
+            "moa_fraction_retrieved": "MoA retr.", "batch_knn_accuracy": "plate kNN acc",
+            "batch_silhouette": "plate silh."}
+    header = f"{'encoder':<12}{'ver':>4}  {'recipe':<7}" + "".join(f"{v:>14}" for v in cols.values())
+    lines = [header, "-" * len(header)]
+    for r in df.iter_rows(named=True):
+        vals = "".join(f"{r.get(k, float('nan')):>14.3f}" for k in cols)
+        lines.append(f"{r['encoder']:<12}{r['encoder_version']:>4}  {r['recipe']:<7}{vals}")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""The bioembed asset graph. Each asset is a thin call into `bioembed_assets.pipeline`."""
+
+from __future__ import annotations
+
+import base64
+
+import dagster as dg
+import polars as pl
+
+from bioembed_assets import pipeline
+from bioembed_assets.inference import resolve_device
+from bioembed_assets.store.catalog import build_catalog
+from dagster_project.partitions import plates
+from dagster_project.resources import BioembedHome
+
+INGEST, EMBED, PROFILE, EVALUATE = "ingest", "embed", "profile", "evaluate"
+
+
+def _check(name: str, asset: str, passed: bool, **metadata) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(check_name=name, asset_key=asset, passed=bool(passed), metadata=metadata)
+
+
+def markdown_table(df: pl.DataFrame) -> str:
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True,
+                   tbl_hide_dataframe_shape=True, tbl_rows=-1, float_precision=3):
+        return str(df)
+
+
+def _png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+@dg.asset(partitions_def=plates, group_name=INGEST, kinds={"zarr", "parquet"})
+def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Plate images ingested from their acquisition layout (Opera Phenix naming) into a zarr
+    plate store, plus the image table with per-site QC."""
+    summary = pipeline.ingest_raw_plate(bioembed.home(), context.partition_key)
+    return dg.MaterializeResult(metadata=summary)
+
+
+@dg.asset(partitions_def=plates, group_name=INGEST, kinds={"parquet"},
+          check_specs=[dg.AssetCheckSpec("negative_controls_present", asset="platemap")])
+def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Wells -> perturbation, control type and MoA, validated (every plate needs negative controls)."""
+    summary = pipeline.load_platemap(bioembed.home(), context.partition_key)
+    n_neg = summary.get("negative_wells", 0)
+    return dg.MaterializeResult(
+        metadata=summary,
+        check_results=[_check("negative_controls_present", "platemap", n_neg > 0, negative_wells=n_neg)])
+
+
+@dg.asset(partitions_def=plates, group_name=INGEST, deps=[raw_plate], kinds={"zarr", "parquet"})
+def segmentation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Nuclei masks (threshold + watershed on DNA) and the nucleus table."""
+    summary = pipeline.segment_raw_plate(bioembed.home(), context.partition_key)
+    context.log.info(f"plate {context.partition_key}: {summary['nuclei']} nuclei")
+    return dg.MaterializeResult(metadata=summary)
+
+
+@dg.asset(partitions_def=plates, group_name=INGEST, deps=[segmentation], kinds={"zarr", "parquet"},
+          check_specs=[dg.AssetCheckSpec("cells_per_well", asset="crops")])
+def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Single-cell crops centred on each nucleus (border cells dropped and counted) and the cell table."""
+    summary = pipeline.crop_cells(bioembed.home(), context.partition_key, crop_size=bioembed.crop_size)
+    ok = summary["min_cells_per_well"] >= 1
+    return dg.MaterializeResult(
+        metadata=summary,
+        check_results=[_check("cells_per_well", "crops", ok, min_cells_per_well=summary["min_cells_per_well"])])
+
+
+@dg.asset(group_name=EMBED, kinds={"mlflow"})
+def encoder(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """The registered encoders (MLflow model registry, alias `champion`); registers an untrained
+    version 1 of each configured encoder if it has none."""
+    registry = bioembed.registry()
+    meta = {}
+    for setup in bioembed.encoder_setups():
+        version = registry.ensure(setup.name, setup.build, description=setup.description)
+        meta[setup.name] = f"v{version.version} ({'trained' if version.trained else 'untrained weights'})"
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(str(sorted(meta.items()))))
+
+
+@dg.asset(partitions_def=plates, group_name=EMBED, deps=[crops, encoder], pool="gpu",
+          kinds={"pytorch", "parquet"}, backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=8),
+          check_specs=[dg.AssetCheckSpec("embeddings_finite", asset="embeddings")])
+def embeddings(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Per-cell embeddings from each configured encoder's champion version (loaded once per run,
+    batched on GPU when present)."""
+    home, registry, device = bioembed.home(), bioembed.registry(), resolve_device(bioembed.device)
+    nan_rows, meta = 0, {"device": str(device)}
+    for setup in bioembed.encoder_setups():
+        model, version = registry.load(setup.name)
+        model.to(device)
+        for plate in context.partition_keys:
+            summary = pipeline.embed_plate(
+                home, plate, model, version, batch_size=bioembed.batch_size,
+                progress=lambda done, total, p=plate, n=setup.name: context.log.debug(f"{n} {p}: {done}/{total}"))
+            nan_rows += summary["nan_rows"]
+            meta[f"{setup.name}"] = f"v{version.version}, dim {summary['dim']}"
+            context.log.info(f"{setup.name} v{version.version} plate {plate}: {summary['cells']} cells embedded")
+    return dg.MaterializeResult(
+        metadata=meta, check_results=[_check("embeddings_finite", "embeddings", nan_rows == 0, nan_rows=nan_rows)])
+
+
+@dg.asset(partitions_def=plates, group_name=PROFILE, deps=[embeddings, platemap], kinds={"parquet"})
+def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Cell -> well aggregation (median) of each encoder's embeddings, joined to the platemap."""
+    home, registry = bioembed.home(), bioembed.registry()
+    meta = {}
+    for setup in bioembed.encoder_setups():
+        summary = pipeline.profile_plate(home, context.partition_key, registry.get(setup.name))
+        meta[setup.name] = f"{summary['wells']} wells"
+    return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"})
+def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """The OpenPhenom card recipe fitted on negative-control wells across all plates: PCA, then
+    per-plate standard scaling on controls. Parameters are stored under the home."""
+    home, registry = bioembed.home(), bioembed.registry()
+    meta = {}
+    for setup in bioembed.encoder_setups():
+        summary = pipeline.fit_normalizer(home, registry.get(setup.name))
+        meta[setup.name] = f"{summary['control_wells']} control wells on {summary['plates']} plates"
+    return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset(partitions_def=plates, group_name=PROFILE, deps=[normalizer, well_profiles], kinds={"parquet"})
+def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Each plate's well profiles through the fitted normalizer (recipe `card`)."""
+    home, registry = bioembed.home(), bioembed.registry()
+    for setup in bioembed.encoder_setups():
+        pipeline.normalize_plate(home, context.partition_key, registry.get(setup.name))
+    build_catalog(home.catalog_path, home.lake)
+    return dg.MaterializeResult(metadata={"recipe": pipeline.CARD_RECIPE})
+
+
+@dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"})
+def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Replicate mAP vs negative controls (p-values, BH-FDR, fraction retrieved), MoA retrieval and
+    plate effect, before and after normalization; logged to each encoder version's MLflow run."""
+    home, registry = bioembed.home(), bioembed.registry()
+    meta: dict[str, dg.MetadataValue | str | float] = {}
+    for setup in bioembed.encoder_setups():
+        version = registry.get(setup.name)
+        result = pipeline.evaluate_version(home, version, null_size=bioembed.null_size)
+        registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
+                                       for r in result.metrics.iter_rows(named=True)})
+        meta[f"{setup.name}_metrics"] = dg.MetadataValue.md(
+            markdown_table(result.metrics.select("recipe", "metric", "value")))
+        for plot, png in result.plots.items():
+            meta[f"{setup.name}_{plot}"] = _png_markdown(png, plot)
+    build_catalog(home.catalog_path, home.lake)
+    meta["catalog"] = dg.MetadataValue.path(str(home.catalog_path))
+    return dg.MaterializeResult(metadata=meta)
+
+
+PER_PLATE_ASSETS = [raw_plate, platemap, segmentation, crops, embeddings, well_profiles]
+ALL_ASSETS = [raw_plate, platemap, segmentation, crops, encoder, embeddings, well_profiles,
+              normalizer, normalized_profiles, evaluation]

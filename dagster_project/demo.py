@@ -1,0 +1,98 @@
+"""`bioembed demo`: a synthetic screen materialized end to end through Dagster, in-process."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from bioembed_assets.config import HOME_ENV_VAR, Home
+from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
+from dagster_project.assets import (
+    PER_PLATE_ASSETS, ALL_ASSETS, encoder, evaluation, normalized_profiles, normalizer,
+)
+from dagster_project.partitions import plates
+from dagster_project.resources import BioembedHome
+
+_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass
+class DemoOutcome:
+    """Which plates made it through, and the failures (plate -> error) of the others."""
+
+    home: Home
+    plates_ok: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def use_home(home_dir: str | Path) -> Home:
+    """Point Dagster's local instance and bioembed at `home_dir` (created if needed)."""
+    home = Home(root=Path(home_dir).expanduser().resolve()).ensure()
+    os.environ["DAGSTER_HOME"] = str(home.dagster_home)
+    os.environ[HOME_ENV_VAR] = str(home.root)
+    config = home.dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n")
+    return home
+
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+    return "run failed"
+
+
+def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
+                     log=print) -> DemoOutcome:
+    """Run the whole graph: each plate in its own run (a bad plate fails alone), then the
+    cross-plate normalizer, each plate's normalized profiles, and the evaluation."""
+    instance = dg.DagsterInstance.get()
+    known = set(instance.get_dynamic_partitions(plates.name))
+    instance.add_dynamic_partitions(plates.name, [p for p in plate_names if p not in known])
+    resources = {"bioembed": resource}
+    outcome = DemoOutcome(home)
+
+    def run(selection, partition: str | None = None) -> dg.ExecuteInProcessResult:
+        return dg.materialize(ALL_ASSETS, selection=selection, partition_key=partition, instance=instance,
+                              resources=resources, raise_on_error=False, run_config=_QUIET)
+
+    if not (result := run([encoder])).success:
+        raise RuntimeError(f"registering the encoders failed: {_failure_message(result)}")
+    for plate in plate_names:
+        t0 = time.perf_counter()
+        result = run(PER_PLATE_ASSETS, plate)
+        if result.success:
+            outcome.plates_ok.append(plate)
+            log(f"  plate {plate}: ingested, segmented, cropped, embedded, profiled "
+                f"({time.perf_counter() - t0:.0f} s)")
+        else:
+            outcome.failures[plate] = _failure_message(result)
+            log(f"  plate {plate}: FAILED - {outcome.failures[plate]}")
+    if not outcome.plates_ok:
+        raise RuntimeError(f"every plate failed: {outcome.failures}")
+    for selection, partitions in (([normalizer], [None]), ([normalized_profiles], outcome.plates_ok),
+                                  ([evaluation], [None])):
+        for partition in partitions:
+            if not (result := run(selection, partition)).success:
+                raise RuntimeError(f"{selection[0].key.to_user_string()} failed: {_failure_message(result)}")
+    log("  normalizer fitted, plates normalized, evaluation done")
+    return outcome
+
+
+def run_demo(home_dir: str | Path, n_plates: int = 3, seed: int = 0, null_size: int = 10000,
+             log=print) -> DemoOutcome:
+    """Generate a synthetic screen under `<home>/raw` and materialize everything."""
+    t0 = time.perf_counter()
+    home = use_home(home_dir)
+    log(f"bioembed demo: home {home.root}")
+    plate_names = generate_screen(home.raw_root, SyntheticScreenConfig(n_plates=n_plates, seed=seed))
+    log(f"  synthetic screen: {len(plate_names)} plates under {home.raw_root}")
+    outcome = materialize_home(home, plate_names, BioembedHome(root=str(home.root), null_size=null_size), log)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome

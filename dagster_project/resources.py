@@ -1,0 +1,33 @@
+"""Typed Dagster resources: the bioembed home (paths, lake, catalog) and its encoder registry."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from bioembed_assets.config import HOME_ENV_VAR, Home
+from bioembed_assets.pipeline import EncoderSetup, encoder_setups
+from bioembed_assets.registry import EncoderRegistry
+
+
+class BioembedHome(dg.ConfigurableResource):
+    """Where bioembed keeps everything, and the run settings of the pipeline."""
+
+    root: str = os.environ.get(HOME_ENV_VAR, "bioembed-home")
+    encoders: list[str] = ["classical", "ca_mae"]
+    crop_size: int = 64
+    device: str = "auto"
+    batch_size: int = 256
+    null_size: int = 10000
+
+    def home(self) -> Home:
+        return Home(root=Path(self.root).expanduser().resolve()).ensure()
+
+    def registry(self) -> EncoderRegistry:
+        home = self.home()
+        return EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+
+    def encoder_setups(self) -> list[EncoderSetup]:
+        return encoder_setups(self.encoders)
