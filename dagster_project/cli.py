@@ -10,9 +10,11 @@ from bioembed_assets.report import format_metrics, ground_truth_table, metrics_t
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from bioembed_assets.sources.synthetic import SyntheticScreenConfig
     from dagster_project.demo import run_demo
 
-    outcome = run_demo(args.home, n_plates=args.plates, seed=args.seed, null_size=args.null_size)
+    screen = SyntheticScreenConfig(n_plates=args.plates, seed=args.seed)
+    outcome = run_demo(args.home, screen, null_size=args.null_size)
     home = outcome.home
     print("\nPer encoder (raw = well medians, card = PCA on controls + per-plate scaling):")
     print(format_metrics(metrics_table(home.catalog_path)))

@@ -85,13 +85,13 @@ def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
     return outcome
 
 
-def run_demo(home_dir: str | Path, n_plates: int = 3, seed: int = 0, null_size: int = 10000,
-             log=print) -> DemoOutcome:
+def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = SyntheticScreenConfig(),
+             null_size: int = 10000, log=print) -> DemoOutcome:
     """Generate a synthetic screen under `<home>/raw` and materialize everything."""
     t0 = time.perf_counter()
     home = use_home(home_dir)
     log(f"bioembed demo: home {home.root}")
-    plate_names = generate_screen(home.raw_root, SyntheticScreenConfig(n_plates=n_plates, seed=seed))
+    plate_names = generate_screen(home.raw_root, screen)
     log(f"  synthetic screen: {len(plate_names)} plates under {home.raw_root}")
     outcome = materialize_home(home, plate_names, BioembedHome(root=str(home.root), null_size=null_size), log)
     outcome.seconds = time.perf_counter() - t0

@@ -1,0 +1,149 @@
+"""Segment every field of a plate store: a zarr `labels` array plus the per-nucleus cell table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import zarr
+from tqdm.auto import tqdm
+
+from bioembed_assets.schema import CELL_ID, FIELD, PLATE, SITE, WELL, BioembedInputError
+from bioembed_assets.segment.nuclei import segment_nuclei
+from bioembed_assets.store.atomic import atomic_dir
+
+CELL_TABLE_SCHEMA: dict[str, pl.DataType] = {
+    PLATE: pl.Utf8,
+    WELL: pl.Utf8,
+    SITE: pl.Int64,
+    FIELD: pl.Int64,
+    CELL_ID: pl.Utf8,
+    "label": pl.Int32,
+    "centroid_y": pl.Float64,
+    "centroid_x": pl.Float64,
+    "area": pl.Int64,
+}
+"""Columns and dtypes of the cell table returned by `segment_plate`."""
+
+
+def cell_id(well: str, site: int, label: int) -> str:
+    """The id of a nucleus, unique within a plate: 'B03-s2-17'."""
+    return f"{well}-s{site}-{label}"
+
+
+def label_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(label, centroid_y, centroid_x, area) of every object in a 2-D label image."""
+    flat = labels.ravel()
+    n = int(flat.max()) + 1 if flat.size else 1
+    area = np.bincount(flat, minlength=n)
+    yy, xx = np.indices(labels.shape)
+    sy = np.bincount(flat, weights=yy.ravel(), minlength=n)
+    sx = np.bincount(flat, weights=xx.ravel(), minlength=n)
+    ids = np.nonzero(area[1:])[0] + 1
+    return ids, sy[ids] / area[ids], sx[ids] / area[ids], area[ids]
+
+
+def open_plate_images(store_path: Path) -> tuple[zarr.Array, str, list[str]]:
+    """Open a plate store read-only: (images array, plate name, channel names)."""
+    try:
+        group = zarr.open_group(str(store_path), mode="r")
+        images = group["images"]
+    except (FileNotFoundError, KeyError) as exc:
+        raise BioembedInputError(
+            "plate store missing or has no 'images' array", path=store_path
+        ) from exc
+    attrs = dict(group.attrs)
+    plate = str(attrs.get("plate", Path(store_path).stem))
+    channels = [str(c) for c in attrs.get("channels", [])]
+    if images.ndim != 4 or len(channels) != images.shape[1]:
+        raise BioembedInputError(
+            f"expected images (fields, C, H, W) with C == len(channels attr); got shape "
+            f"{images.shape} and channels {channels}",
+            plate=plate,
+            path=store_path,
+        )
+    return images, plate, channels
+
+
+def _check_image_table(table: pl.DataFrame, plate: str, n_fields: int, path: Path) -> pl.DataFrame:
+    missing = {PLATE, WELL, SITE, FIELD} - set(table.columns)
+    if missing:
+        raise BioembedInputError(f"image table lacks columns {sorted(missing)}", plate=plate, path=path)
+    table = table.select(PLATE, WELL, SITE, FIELD).with_columns(
+        pl.col(PLATE).cast(pl.Utf8), pl.col(WELL).cast(pl.Utf8), pl.col(SITE).cast(pl.Int64),
+        pl.col(FIELD).cast(pl.Int64),
+    )
+    others = set(table[PLATE].unique().to_list()) - {plate}
+    if others:
+        raise BioembedInputError(f"image table holds other plates {sorted(others)}", plate=plate, path=path)
+    bad = table.filter((pl.col(FIELD) < 0) | (pl.col(FIELD) >= n_fields))
+    if bad.height:
+        raise BioembedInputError(
+            f"image table fields {bad[FIELD].to_list()[:5]} outside the store's 0..{n_fields - 1}",
+            plate=plate, well=bad[WELL][0], path=path,
+        )
+    if table.select(FIELD).is_duplicated().any() or table.select(WELL, SITE).is_duplicated().any():
+        raise BioembedInputError(
+            "image table must have one row per field and per (well, site)", plate=plate, path=path
+        )
+    return table.sort(FIELD)
+
+
+def segment_plate(
+    store_path: Path,
+    image_table: pl.DataFrame,
+    masks_path: Path,
+    nuclear_channel: str = "DNA",
+    progress: bool = False,
+    **segment_kwargs: Any,
+) -> pl.DataFrame:
+    """Segment nuclei in every field of the image table; write masks, return the cell table.
+
+    Writes (atomically) a zarr group at `masks_path` with `labels` (n_fields, H, W) int32,
+    one chunk per field; fields absent from `image_table` stay 0. Fields are read and segmented
+    one at a time, so memory stays at one field. `segment_kwargs` go to `segment_nuclei`.
+    Returns one row per nucleus with the columns of `CELL_TABLE_SCHEMA`, sorted by field, label.
+    """
+    store_path, masks_path = Path(store_path), Path(masks_path)
+    images, plate, channels = open_plate_images(store_path)
+    if nuclear_channel not in channels:
+        raise BioembedInputError(
+            f"nuclear channel {nuclear_channel!r} not in the plate's channels {channels}",
+            plate=plate, path=store_path,
+        )
+    c = channels.index(nuclear_channel)
+    n_fields, _, h, w = images.shape
+    table = _check_image_table(image_table, plate, n_fields, store_path)
+
+    parts: list[np.ndarray] = []
+    with atomic_dir(masks_path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        labels_arr = group.create_array(
+            "labels", shape=(n_fields, h, w), chunks=(1, h, w), dtype="int32", fill_value=0
+        )
+        for f in tqdm(table[FIELD].to_list(), desc=f"segment {plate}", disable=not progress):
+            lab = segment_nuclei(np.asarray(images[f, c]), **segment_kwargs)
+            labels_arr[f] = lab
+            ids, cy, cx, area = label_stats(lab)
+            parts.append(np.column_stack([np.full(len(ids), f), ids, cy, cx, area]))
+        stats = np.concatenate(parts) if parts else np.zeros((0, 5))
+        group.attrs.update(
+            {"plate": plate, "nuclear_channel": nuclear_channel, "n_cells": int(len(stats)),
+             "segmentation": {"method": "otsu+watershed", **segment_kwargs}}
+        )
+
+    cells = pl.DataFrame(
+        {
+            FIELD: stats[:, 0].astype(np.int64),
+            "label": stats[:, 1].astype(np.int32),
+            "centroid_y": stats[:, 2],
+            "centroid_x": stats[:, 3],
+            "area": stats[:, 4].astype(np.int64),
+        }
+    )
+    cells = cells.join(table, on=FIELD, how="left").with_columns(
+        pl.format("{}-s{}-{}", pl.col(WELL), pl.col(SITE), pl.col("label")).alias(CELL_ID)
+    )
+    return cells.select(list(CELL_TABLE_SCHEMA)).cast(CELL_TABLE_SCHEMA).sort(FIELD, "label")
