@@ -33,7 +33,7 @@ from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
 from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
 
 RAW_RECIPE = "raw"
-CARD_RECIPE = PCACenterScale.recipe
+CARD_RECIPE = "card"  # the OpenPhenom model-card recipe (PCACenterScale)
 PLATEMAP_FILE = "platemap.csv"
 
 
@@ -201,10 +201,10 @@ def evaluate_version(home: Home, version: EncoderVersion, null_size: int = 10000
                    "moa_map": moa["mean_average_precision"].mean(),
                    "moa_fraction_retrieved": fraction_retrieved(moa), **batch}
         rows += [(recipe, k, float(v) if v is not None else float("nan")) for k, v in scalars.items()]
-        for kind, df in (("replicate", rep), ("moa", moa)):
+        for kind, df, key in (("replicate", rep, s.PERTURBATION), ("moa", moa, s.MOA)):
             groups.append(df.select(
                 pl.lit(recipe).alias(s.RECIPE), pl.lit(kind).alias("kind"),
-                pl.col("group").cast(pl.Utf8), "mean_average_precision", "p_value",
+                pl.col(key).cast(pl.Utf8).alias("group"), "mean_average_precision", "p_value",
                 "corrected_p_value", "below_corrected_p"))
         treated = meta[s.CONTROL_TYPE].to_numpy() != s.ControlType.NEGATIVE
         plots[f"{recipe}_map"] = embedding_map_png(

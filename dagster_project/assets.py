@@ -1,6 +1,5 @@
 """The bioembed asset graph. Each asset is a thin call into `bioembed_assets.pipeline`."""
 
-from __future__ import annotations
 
 import base64
 

@@ -42,9 +42,13 @@ def use_home(home_dir: str | Path) -> Home:
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The root cause of the first failed step, e.g. "raw_plate: BioembedInputError: [plate=…] …"."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+            error = event.step_failure_data.error
+            while error.cause is not None and error.cls_name.startswith("Dagster"):
+                error = error.cause
+            return f"{event.step_key}: {error.message.strip()}"
     return "run failed"
 
 

@@ -1,6 +1,5 @@
 """A sensor that registers new plate folders under the raw-data root as partitions."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,0 +1,313 @@
+"""CA-MAE / OpenPhenom: a channel-agnostic ViT encoder in plain torch, state-dict compatible with OpenPhenom.
+
+Written from the architecture description in `reference/openphenom.md` (no upstream code). Parameter
+names equal OpenPhenom's `encoder.vit_backbone.*` keys without that prefix. Each channel is cut into
+patches by one shared 1-channel conv; tokens are channel-major (all patches of channel 0, then
+channel 1, ...); a frozen 2-D sin-cos position table is tiled per channel; there is no channel
+embedding, so the pooled embedding does not depend on channel order. Blocks are timm-style
+`ParallelScalingBlock`s with the *legacy* (timm <= 1.0.24) MLP-bias placement OpenPhenom was trained with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bioembed_assets.encoders.base import EncoderSpec, register_family
+from bioembed_assets.encoders.checkpoints import load_openphenom_backbone
+
+LN_EPS = 1e-6
+INSTANCE_NORM_EPS = 1e-5
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # OpenPhenom's encoder (22,459,776 elements incl. the frozen pos_embed of 1,081,728).
+    "vit_small_patch16_256": dict(
+        img_size=256, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, max_in_chans=11
+    ),
+    # Small CPU config for the demo and tests (~6000 5-channel 64x64 crops in ~10 s on 2 CPU cores).
+    "demo": dict(img_size=64, patch_size=16, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, max_in_chans=11),
+}
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(grid_size**2, embed_dim) table: per token [sin(h w_k), cos(h w_k), sin(w w_k), cos(w w_k)], w_k = T^(-k/(D/4)).
+
+    Tokens are row-major over the (h, w) grid.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
+    n_freq = embed_dim // 4
+    omega = temperature ** (-torch.arange(n_freq, dtype=torch.float64) / n_freq)
+    h, w = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
+    h_out = h.reshape(-1, 1) * omega  # (G*G, D/4)
+    w_out = w.reshape(-1, 1) * omega
+    table = torch.cat([h_out.sin(), h_out.cos(), w_out.sin(), w_out.cos()], dim=1)
+    return table.float()
+
+
+class PatchEmbed(nn.Module):
+    """One 1-channel conv shared by every channel; returns channel-major tokens (B, C*G*G, D)."""
+
+    def __init__(self, patch_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.proj(x.reshape(b * c, 1, h, w))  # (B*C, D, G, G)
+        return y.flatten(2).transpose(1, 2).reshape(b, -1, y.shape[1])
+
+
+class LayerScale(nn.Module):
+    """Per-feature learned scale `gamma`."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class ParallelScalingBlock(nn.Module):
+    """Attention and MLP in parallel from one fused input projection (rows [mlp | q | k | v]).
+
+    Legacy bias placement: the bias added to the fused projection is cat(zeros(3*dim), mlp_bias),
+    i.e. aligned to the *end* of the [mlp | q | k | v] output, not to the MLP rows. OpenPhenom's
+    weights were trained this way.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float = 1e-4) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.in_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.in_proj = nn.Linear(dim, self.mlp_hidden + 3 * dim, bias=False)
+        self.mlp_bias = nn.Parameter(torch.zeros(self.mlp_hidden))
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS)
+        self.attn_out_proj = nn.Linear(dim, dim)
+        self.mlp_out_proj = nn.Linear(self.mlp_hidden, dim)
+        self.ls = LayerScale(dim, init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        bias = torch.cat([self.mlp_bias.new_zeros(3 * d), self.mlp_bias])
+        y = F.linear(self.in_norm(x), self.in_proj.weight, bias)
+        m, q, k, v = torch.split(y, [self.mlp_hidden, d, d, d], dim=-1)
+        heads = (b, n, self.num_heads, self.head_dim)
+        q = self.q_norm(q.reshape(heads)).transpose(1, 2)
+        k = self.k_norm(k.reshape(heads)).transpose(1, 2)
+        v = v.reshape(heads).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        out = self.attn_out_proj(attn) + self.mlp_out_proj(F.gelu(m))
+        return x + self.ls(out)
+
+
+class ChannelAgnosticViT(nn.Module):
+    """OpenPhenom's encoder backbone; `predict` is the official embedding path."""
+
+    def __init__(
+        self,
+        img_size: int = 256,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        max_in_chans: int = 11,
+        init_values: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+        self.max_in_chans, self.init_values = max_in_chans, init_values
+        self.tokens_per_channel = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(self.make_pos_embed(), requires_grad=False)
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.blocks = nn.ModuleList(
+            ParallelScalingBlock(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth)
+        )
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+
+    def make_pos_embed(self) -> torch.Tensor:
+        """The frozen (1, 1 + max_in_chans*G*G, D) table: a zero cls row, then the 2-D sin-cos tiled per channel."""
+        table = sincos_pos_embed_2d(self.embed_dim, self.img_size // self.patch_size)
+        return torch.cat([torch.zeros(1, self.embed_dim), table.repeat(self.max_in_chans, 1)])[None]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic timm-style random init: normal(0, 0.02) weights, zero biases, LayerScale = init_values."""
+        g = torch.Generator().manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                # timm's trunc_normal_(std=.02) cuts at +-2 absolute (100 sigma): in effect a plain normal.
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g).mul_(0.02))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, ParallelScalingBlock):
+                m.mlp_bias.zero_()
+            elif isinstance(m, LayerScale):
+                m.gamma.fill_(self.init_values)
+        self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 1e-6)
+        self.pos_embed.copy_(self.make_pos_embed())
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless x is (N, C, img_size, img_size) with 1 <= C <= max_in_chans."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if h != self.img_size or w != self.img_size:
+            raise ValueError(
+                f"this encoder takes {self.img_size}x{self.img_size} crops, got {h}x{w} "
+                "(positions are laid out for that grid; crop or resize first)"
+            )
+        if not 1 <= c <= self.max_in_chans:
+            raise ValueError(f"this encoder takes 1 to {self.max_in_chans} channels, got {c}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images (N, C, H, W) -> tokens (N, 1 + C*G*G, D) after the blocks (no final norm)."""
+        self.check_input(x)
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = tokens + self.pos_embed[:, : tokens.shape[1]]
+        for block in self.blocks:
+            tokens = block(tokens)
+        return tokens
+
+    def predict(self, x: torch.Tensor, channelwise: bool = False) -> torch.Tensor:
+        """Images (N, C, H, W) in 0-255 units -> (N, D), or (N, C*D) per-channel means with `channelwise`.
+
+        Steps: /255, per-image per-channel instance norm (biased variance, eps 1e-5), blocks,
+        mean of the patch tokens (cls and fc_norm unused). Call `eval()` first.
+        """
+        self.check_input(x)
+        x = F.instance_norm(x.float() / 255.0, eps=INSTANCE_NORM_EPS)
+        patches = self.forward_features(x)[:, 1:]
+        if not channelwise:
+            return patches.mean(dim=1)
+        n, c = x.shape[:2]
+        return patches.reshape(n, c, self.tokens_per_channel, -1).mean(dim=2).reshape(n, -1)
+
+    def forward(self, x: torch.Tensor, channelwise: bool = False) -> torch.Tensor:
+        return self.predict(x, channelwise)
+
+
+def to_0_255(images: np.ndarray) -> np.ndarray:
+    """Raw crops -> float32 in 0-255 units: uint8 as-is, uint16 / 257, floats assumed 0-255 already."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32)
+    if images.dtype == np.uint16:
+        return images.astype(np.float32) / 257.0
+    if np.issubdtype(images.dtype, np.floating):
+        return images.astype(np.float32, copy=False)
+    raise TypeError(f"expected uint8, uint16 or float crops, got {images.dtype}")
+
+
+class CAMAEEncoder:
+    """`Encoder` adapter around a `ChannelAgnosticViT`; `embed` runs the official `predict` path.
+
+    Masks are ignored (whole crops are embedded). With `channelwise`, `embed` returns the per-channel
+    embeddings concatenated (B, num_channels * D), so the channel count is fixed at build time.
+    """
+
+    def __init__(self, module: ChannelAgnosticViT, spec: EncoderSpec, channelwise: bool = False) -> None:
+        self.module, self.spec, self.channelwise = module.eval(), spec, channelwise
+        self.num_channels: int | None = spec.config.get("num_channels")
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.cls_token.device
+
+    def embed(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+        """Crops (B, C, H, W) uint8/uint16/float -> float32 (B, spec.embedding_dim)."""
+        images = np.asarray(images)
+        if self.channelwise and images.ndim == 4 and images.shape[1] != self.num_channels:
+            raise ValueError(f"channelwise encoder built for {self.num_channels} channels, got {images.shape[1]}")
+        if images.ndim == 4 and images.shape[0] == 0:
+            return np.zeros((0, self.spec.embedding_dim), dtype=np.float32)
+        x = torch.from_numpy(to_0_255(images)).to(self.device)
+        was_training = self.module.training
+        try:
+            with torch.inference_mode(), _autocast(self.device):
+                out = self.module.eval().predict(x, channelwise=self.channelwise)
+        finally:
+            self.module.train(was_training)
+        return out.float().cpu().numpy()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> Any:
+        """Strict load; also accepts full OpenPhenom names (`encoder.vit_backbone.*`) and a missing pos_embed."""
+        return load_openphenom_backbone(state_dict, self.module)
+
+    def to(self, device: str | torch.device) -> "CAMAEEncoder":
+        self.module.to(device)
+        return self
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def build_camae_module(preset: str = "demo", seed: int = 0, **overrides: Any) -> ChannelAgnosticViT:
+    """A randomly initialised `ChannelAgnosticViT` from a preset plus overrides, deterministic in `seed`."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown CA-MAE preset {preset!r}; known: {sorted(PRESETS)}")
+    with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG; leave it untouched
+        module = ChannelAgnosticViT(**{**PRESETS[preset], **overrides})
+    module.init_weights(seed)
+    return module.eval()
+
+
+@register_family("ca_mae")
+def build_ca_mae(
+    preset: str = "demo",
+    channelwise: bool = False,
+    seed: int = 0,
+    num_channels: int | None = None,
+    **overrides: Any,
+) -> CAMAEEncoder:
+    """Build a CA-MAE encoder (random weights from `seed`; load trained ones with `load_state_dict`).
+
+    `overrides` change preset fields (img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
+    max_in_chans, init_values). `channelwise=True` needs `num_channels`: the embedding is then
+    (num_channels * embed_dim), one block per input channel in input order.
+    """
+    if channelwise and num_channels is None:
+        raise ValueError("channelwise CA-MAE embeddings need num_channels (embedding_dim = num_channels * embed_dim)")
+    module = build_camae_module(preset, seed, **overrides)
+    if num_channels is not None and not 1 <= num_channels <= module.max_in_chans:
+        raise ValueError(f"num_channels must be in 1..{module.max_in_chans}, got {num_channels}")
+    config: dict[str, Any] = dict(preset=preset, channelwise=channelwise, seed=seed, **overrides)
+    if num_channels is not None:
+        config["num_channels"] = num_channels
+    dim = module.embed_dim * (num_channels if channelwise else 1)
+    spec = EncoderSpec(
+        family="ca_mae",
+        embedding_dim=dim,
+        input_size=module.img_size,
+        channels=None,
+        per_cell=True,
+        trainable=True,
+        config=config,
+    )
+    return CAMAEEncoder(module, spec, channelwise)

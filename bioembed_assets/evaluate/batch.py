@@ -1,0 +1,72 @@
+"""Batch-effect scores on profiles (typically the negative controls): lower = less batch effect."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import silhouette_score
+
+_BLOCK_ELEMS = 1 << 22
+
+
+def _knn_batch_accuracy(Xn: np.ndarray, codes: np.ndarray, k: int) -> float:
+    """Leave-one-out k-NN (cosine) accuracy of predicting each row's batch; ties in the vote
+    go to the label of the nearest neighbour among the tied labels."""
+    n = Xn.shape[0]
+    k = min(k, n - 1)
+    b = max(1, _BLOCK_ELEMS // n)
+    hits = 0
+    for lo in range(0, n, b):
+        hi = min(lo + b, n)
+        S = Xn[lo:hi] @ Xn.T
+        S[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # leave self out
+        nb = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        nb = np.take_along_axis(nb, np.argsort(-np.take_along_axis(S, nb, axis=1), axis=1), axis=1)
+        lab = codes[nb]  # neighbours by decreasing similarity
+        votes = (lab[:, :, None] == lab[:, None, :]).sum(axis=2)
+        pred = lab[np.arange(hi - lo), np.argmax(votes, axis=1)]
+        hits += int((pred == codes[lo:hi]).sum())
+    return hits / n
+
+
+def batch_effect_scores(
+    X: np.ndarray,
+    batches: np.ndarray,
+    mask: np.ndarray | None = None,
+    k: int = 5,
+    sample_size: int | None = 20000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Batch mixing on the selected rows (`mask`, e.g. negative controls).
+
+    - `batch_silhouette`: cosine silhouette of the batch labels (sklearn; computed on at most
+      `sample_size` random rows); ~0 or negative when batches are mixed.
+    - `batch_knn_accuracy`: leave-one-out k-NN (cosine) accuracy of predicting the batch, raw.
+    - `batch_chance`: 1 / n_batches, the accuracy expected without batch effect (for balanced
+      batches; with unbalanced batches the chance level is higher).
+    NaN scores when fewer than 2 batches or fewer than 3 rows are selected.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    batches = np.asarray(batches)
+    if X.ndim != 2 or batches.shape != (X.shape[0],):
+        raise ValueError(f"X must be 2-D with one batch label per row; got X {X.shape}, batches {batches.shape}")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        X, batches = X[mask], batches[mask]
+    if not np.isfinite(X).all():
+        raise ValueError("X has non-finite values (NaN/inf)")
+    uniq, codes = np.unique(batches, return_inverse=True)
+    codes = codes.reshape(-1)
+    out = {"batch_silhouette": float("nan"), "batch_knn_accuracy": float("nan"),
+           "batch_chance": 1.0 / len(uniq) if len(uniq) else float("nan"), "n_rows": float(X.shape[0]),
+           "n_batches": float(len(uniq))}  # fmt: skip
+    if len(uniq) < 2 or X.shape[0] < 3:
+        return out
+    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    if (norm == 0).any():
+        raise ValueError("cosine scores are undefined for all-zero rows")
+    Xn = X / norm
+    if len(uniq) < X.shape[0]:
+        n_s = None if sample_size is None or sample_size >= X.shape[0] else sample_size
+        out["batch_silhouette"] = float(silhouette_score(Xn, codes, metric="cosine", sample_size=n_s, random_state=seed))
+    out["batch_knn_accuracy"] = _knn_batch_accuracy(Xn, codes, k)
+    return out

@@ -1,0 +1,211 @@
+"""The zarr plate store: one zarr v3 group per plate holding every field's channels as one array.
+
+Layout of `<store_path>` (written atomically: readers see the old store or the new one)::
+
+    images   (n_fields, C, H, W), the acquisition dtype (uint8/uint16), chunks (1, 1, H, W),
+             blosc-lz4 compressed
+    attrs    plate, channels, dtype, wells, sites (row i of `images` is field i = (wells[i], sites[i]))
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import numcodecs
+import numpy as np
+import polars as pl
+import tifffile
+import zarr
+from zarr.codecs import BloscCodec
+
+from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError
+from bioembed_assets.sources.phenix import FieldFiles
+from bioembed_assets.store.atomic import atomic_dir
+
+IMAGES = "images"
+_CNAME, _CLEVEL = "lz4", 5
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One 2-D image from a TIFF. Falls back to Pillow for compressions (e.g. LZW) that
+    tifffile cannot decode without the optional `imagecodecs` package."""
+    try:
+        return tifffile.imread(path)
+    except ValueError as e:
+        if "imagecodecs" not in str(e):
+            raise
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _read_field(field: FieldFiles, channels: Sequence[str]) -> np.ndarray:
+    planes = []
+    for stain in channels:
+        path = field.paths.get(stain)
+        if path is None:
+            raise BioembedInputError(
+                f"site {field.site} has no {stain!r} image (has {sorted(field.paths)})", plate=field.plate, well=field.well
+            )
+        try:
+            img = read_image(path)
+        except Exception as e:  # noqa: BLE001 - any decode failure means a bad file
+            raise BioembedInputError(
+                f"cannot read TIFF (corrupt or truncated?): {type(e).__name__}: {e}",
+                plate=field.plate,
+                well=field.well,
+                path=path,
+            ) from e
+        img = np.squeeze(img)
+        if img.ndim != 2 or img.dtype not in _DTYPES:
+            raise BioembedInputError(
+                f"expected a 2-D uint8/uint16 image, got shape {img.shape} dtype {img.dtype}",
+                plate=field.plate,
+                well=field.well,
+                path=path,
+            )
+        if planes and (img.shape != planes[0].shape or img.dtype != planes[0].dtype):
+            raise BioembedInputError(
+                f"{stain} image is {img.shape} {img.dtype} but {channels[0]} is {planes[0].shape} {planes[0].dtype}",
+                plate=field.plate,
+                well=field.well,
+                path=path,
+            )
+        planes.append(img)
+    return np.stack(planes)
+
+
+def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, ahead: int) -> Iterator[_R]:
+    """`map(fn, items)` on a thread pool, in order, with at most `ahead` results in flight."""
+    with ThreadPoolExecutor(workers) as pool:
+        queue: collections.deque[Future[_R]] = collections.deque()
+        for item in items:
+            queue.append(pool.submit(fn, item))
+            if len(queue) >= ahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+
+class _ChunkWriter:
+    """Writes whole fields straight into the chunk files of a fresh, unsharded `images` array.
+
+    The bytes are what zarr's codec pipeline ([bytes (little-endian), blosc]) writes, without its
+    per-call overhead (zarr-python 3 spends ~10 ms per small write in its event loop, several
+    times the cost of reading the TIFFs); `ingest_plate` reads one field back through zarr to check.
+    """
+
+    def __init__(self, array: zarr.Array, array_dir: Path) -> None:
+        self.array, self.dir = array, array_dir
+        self.encoding = array.metadata.chunk_key_encoding
+        itemsize = array.dtype.itemsize
+        self.codec = numcodecs.Blosc.from_config(
+            {"cname": _CNAME, "clevel": _CLEVEL, "shuffle": numcodecs.Blosc.SHUFFLE, "blocksize": 0, "typesize": itemsize}
+        )
+
+    def write(self, index: int, stack: np.ndarray) -> None:
+        for c, plane in enumerate(stack):
+            path = self.dir / self.encoding.encode_chunk_key((index, c, 0, 0))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            raw = np.ascontiguousarray(plane, dtype=plane.dtype.newbyteorder("<")).view(np.uint8).ravel()
+            path.write_bytes(self.codec.encode(raw))
+
+
+def _qc(stack: np.ndarray) -> tuple[list[float], float]:
+    flat = stack.reshape(len(stack), -1)
+    means = flat.mean(axis=1, dtype=np.float64).tolist()
+    return means, float((flat == np.iinfo(stack.dtype).max).mean(axis=1).max())
+
+
+def ingest_plate(
+    fields: list[FieldFiles], store_path: Path, channels: Sequence[str], *, workers: int = 4
+) -> pl.DataFrame:
+    """Copy a plate's field images into a zarr store at `store_path`; return its image table.
+
+    `channels` picks and orders the stains. The image table has one row per field: plate, well,
+    site, field (row index into `images`), `qc_mean_<stain>` and `qc_saturated_fraction` (the
+    largest, over channels, fraction of pixels at the dtype's maximum). Fields are streamed on
+    `workers` threads (read, check, compress, write); the store replaces any previous one
+    atomically. Bad files raise BioembedInputError naming plate, well and file.
+    """
+    if not fields:
+        raise BioembedInputError("no fields to ingest", path=store_path)
+    channels = list(channels)
+    plate = fields[0].plate
+    if not channels or len(set(channels)) != len(channels):
+        raise BioembedInputError(f"channels must be non-empty and distinct, got {channels}", plate=plate)
+    if any(f.plate != plate for f in fields):
+        raise BioembedInputError(f"fields from several plates: {sorted({f.plate for f in fields})}", plate=plate)
+    seen: set[tuple[str, int]] = set()
+    for f in fields:
+        if (f.well, f.site) in seen:
+            raise BioembedInputError(f"field (well {f.well}, site {f.site}) listed twice", plate=plate, well=f.well)
+        seen.add((f.well, f.site))
+
+    with atomic_dir(store_path) as tmp:
+        first = _read_field(fields[0], channels)
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        images = group.create_array(
+            IMAGES,
+            shape=(len(fields), *first.shape),
+            chunks=(1, 1, *first.shape[1:]),
+            dtype=first.dtype,
+            compressors=[BloscCodec(cname=_CNAME, clevel=_CLEVEL, shuffle="shuffle")],
+            fill_value=0,
+            dimension_names=("field", "c", "y", "x"),
+        )
+        group.attrs.update(
+            {
+                "plate": plate,
+                "channels": channels,
+                "dtype": str(first.dtype),
+                "wells": [f.well for f in fields],
+                "sites": [f.site for f in fields],
+            }
+        )
+        writer = _ChunkWriter(images, tmp / IMAGES)
+
+        def ingest(i: int) -> tuple[list[float], float]:
+            field = fields[i]
+            stack = first if i == 0 else _read_field(field, channels)
+            if stack.shape != first.shape or stack.dtype != first.dtype:
+                raise BioembedInputError(
+                    f"site {field.site} images are {stack.shape[1:]} {stack.dtype}, but well {fields[0].well} "
+                    f"site {fields[0].site} images are {first.shape[1:]} {first.dtype}",
+                    plate=plate,
+                    well=field.well,
+                    path=field.paths[channels[0]],
+                )
+            writer.write(i, stack)
+            return _qc(stack)
+
+        rows = [
+            (plate, f.well, f.site, i, *means, saturated)
+            for i, (f, (means, saturated)) in enumerate(zip(fields, _prefetch(ingest, range(len(fields)), workers, 4 * workers)))
+        ]
+        if not np.array_equal(images[0], first):
+            raise RuntimeError(f"zarr did not read back field 0 of {store_path} as written (zarr/numcodecs version?)")
+    schema = {PLATE: pl.Utf8, WELL: pl.Utf8, SITE: pl.Int64, FIELD: pl.Int64}
+    schema |= {f"qc_mean_{c}": pl.Float64 for c in channels} | {"qc_saturated_fraction": pl.Float64}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def open_plate_images(store_path: Path) -> tuple[zarr.Array, list[str]]:
+    """The `images` array (n_fields, C, H, W) of a plate store and its channel names."""
+    store_path = Path(store_path)
+    if not (store_path / "zarr.json").is_file():
+        raise BioembedInputError("no plate image store here (ingest the plate first)", path=store_path)
+    group = zarr.open_group(store_path, mode="r")
+    if IMAGES not in group:
+        raise BioembedInputError(f"plate store has no {IMAGES!r} array", path=store_path)
+    images = group[IMAGES]
+    assert isinstance(images, zarr.Array)
+    return images, list(group.attrs["channels"])

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny synthetic screen materialized through real Dagster runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_SCREEN = SyntheticScreenConfig(
+    n_plates=2, n_rows=4, n_cols=6, sites_per_well=1, image_size=256, n_moas=2,
+    compounds_per_moa=2, n_inactive=2, replicates_per_plate=2, n_dmso_wells=6, seed=7,
+)
+BAD_PLATES = ("BAD-MISSING", "BAD-CORRUPT", "BAD-NOCONTROLS")
+
+
+@dataclass
+class MaterializedHome:
+    home: object
+    good_plates: list[str]
+    outcome: object
+
+
+def make_bad_plates(raw_root: Path, template_plate: str) -> None:
+    """Copies of a good plate with one defect each: a missing channel file, a truncated TIFF,
+    a platemap without negative controls."""
+    for name in BAD_PLATES:
+        shutil.copytree(raw_root / template_plate, raw_root / name, dirs_exist_ok=True)
+    (raw_root / "BAD-MISSING" / "Images" / "r01c02f01p01-ch3sk1fk1fl1.tiff").unlink()
+    corrupt = raw_root / "BAD-CORRUPT" / "Images" / "r02c03f01p01-ch2sk1fk1fl1.tiff"
+    corrupt.write_bytes(corrupt.read_bytes()[:300])
+    platemap = raw_root / "BAD-NOCONTROLS" / "platemap.csv"
+    lines = platemap.read_text().splitlines()
+    platemap.write_text("\n".join(lines[:1] + [l.replace(",negative,", ",treatment,") for l in lines[1:]]) + "\n")
+
+
+@pytest.fixture(scope="session")
+def materialized_home(tmp_path_factory: pytest.TempPathFactory) -> MaterializedHome:
+    """Two good plates and three bad ones, run through the whole asset graph in-process."""
+    from dagster_project.demo import materialize_home, use_home
+    from dagster_project.resources import BioembedHome
+
+    saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "BIOEMBED_HOME")}
+    home = use_home(tmp_path_factory.mktemp("home"))
+    good = generate_screen(home.raw_root, TINY_SCREEN)
+    make_bad_plates(home.raw_root, good[0])
+    outcome = materialize_home(home, [*good, *BAD_PLATES],
+                               BioembedHome(root=str(home.root), null_size=1000), log=lambda *_: None)
+    yield MaterializedHome(home, good, outcome)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
