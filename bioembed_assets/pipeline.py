@@ -6,7 +6,7 @@ its inputs from the home, writes its outputs atomically, and returns a small sum
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from bioembed_assets import schema as s
 from bioembed_assets.config import Home
 from bioembed_assets.encoders.base import Encoder, build_encoder
 from bioembed_assets.evaluate.batch import batch_effect_scores
+from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
 from bioembed_assets.evaluate.retrieval import fraction_retrieved, moa_map, replicate_map
 from bioembed_assets.images.store import ingest_plate
@@ -188,14 +189,23 @@ class Evaluation:
 
 
 def evaluate_version(home: Home, version: EncoderVersion, null_size: int = 10000, seed: int = 0) -> Evaluation:
-    """Replicate/MoA retrieval and plate effect, before (raw) and after (card) normalization."""
-    feature_sets = {RAW_RECIPE: _profiles(home, "well_profiles", version),
+    """Replicate/MoA retrieval and plate effect, before (raw) and after (card) normalization.
+
+    The card recipe's replicate mAP is cross-fitted (`evaluate.crossfit`): its negative controls
+    are never the ones its normalizer was fitted on.
+    """
+    raw = _profiles(home, "well_profiles", version)
+    feature_sets = {RAW_RECIPE: raw,
                     CARD_RECIPE: _profiles(home, "normalized_profiles", version, recipe=CARD_RECIPE)}
     rows, groups, plots = [], [], {}
     for recipe, (meta, X) in feature_sets.items():
-        rep = replicate_map(meta, X, null_size=null_size, seed=seed)
+        if recipe == RAW_RECIPE:  # nothing fitted: every control can be a negative
+            rep = replicate_map(meta, X, null_size=null_size, seed=seed)
+        else:  # negatives are always controls the normalizer did not see
+            rep = cross_fitted_replicate_map(*raw, PCACenterScale, null_size=null_size, seed=seed)
         moa = moa_map(meta, X, null_size=null_size, seed=seed)
-        batch = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=_is_negative(meta))
+        # Plate effect on treated wells: out-of-sample for a normalizer fitted on controls.
+        batch = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=~_is_negative(meta))
         scalars = {"replicate_map": rep["mean_average_precision"].mean(),
                    "fraction_retrieved": fraction_retrieved(rep),
                    "moa_map": moa["mean_average_precision"].mean(),
@@ -239,5 +249,3 @@ def encoder_setups(names: Sequence[str]) -> list[EncoderSetup]:
         raise KeyError(f"unknown encoders {unknown}; known: {sorted(known)}")
     return [known[n] for n in names]
 
-
-ProgressFactory = Callable[[str], ProgressCallback]

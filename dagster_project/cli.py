@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from bioembed_assets.report import format_metrics, ground_truth_table, metrics_table, run_example
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from bioembed_assets.sources.synthetic import SyntheticScreenConfig
-    from dagster_project.demo import run_demo
+    from dataclasses import replace
 
-    screen = SyntheticScreenConfig(n_plates=args.plates, seed=args.seed)
+    from dagster_project.demo import DEMO_SCREEN, run_demo
+
+    screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
     outcome = run_demo(args.home, screen, null_size=args.null_size)
     home = outcome.home
     print("\nPer encoder (raw = well medians, card = PCA on controls + per-plate scaling):")
     print(format_metrics(metrics_table(home.catalog_path)))
     print("  rep mAP / retrieved: replicate mAP vs negative controls / fraction with BH-FDR < 0.05")
-    print("  plate kNN acc: plate predictability of control wells (lower = less plate effect)")
+    print("  plate kNN acc: leave-one-out plate prediction of treated wells (lower = less plate effect;"
+          " chance = 1/plates)")
     truth = home.raw_root / "ground_truth.csv"
     if truth.exists():
         print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")
@@ -47,12 +52,22 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for bioembed's own report: no beta/backfill warnings, no MLflow bars."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", message=".*backfill_policy.*")
+    warnings.filterwarnings("ignore", message=".*varying BackfillPolicies.*")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = argparse.ArgumentParser(prog="bioembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate a synthetic screen and materialize the whole graph")
     demo.add_argument("--home", default="bioembed-home", help="bioembed home folder (created if needed)")
-    demo.add_argument("--plates", type=int, default=3, help="number of synthetic plates")
+    demo.add_argument("--plates", type=int, default=4, help="number of synthetic plates")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     demo.set_defaults(func=_demo)

@@ -17,6 +17,9 @@ from dagster_project.assets import (
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
+DEMO_SCREEN = SyntheticScreenConfig(n_plates=4, n_rows=8, n_cols=8, n_dmso_wells=24)
+"""The demo's screen: 4 plates of 64 wells (20 compounds x 2 replicates + 24 DMSO), 2 sites/well."""
+
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -89,7 +92,7 @@ def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
     return outcome
 
 
-def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = SyntheticScreenConfig(),
+def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = DEMO_SCREEN,
              null_size: int = 10000, log=print) -> DemoOutcome:
     """Generate a synthetic screen under `<home>/raw` and materialize everything."""
     t0 = time.perf_counter()
