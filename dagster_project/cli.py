@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
     sql, result = run_example(home.catalog_path, "top_similar_wells")
     print(f"\nDuckDB catalog: {home.catalog_path}  (open read-only)")
     print(f"Example query:\n{sql}\n{result}")
-    print("\nDagster UI:  DAGSTER_HOME={d} BIOEMBED_HOME={h} uv run dagster dev".format(
+    print("\nDagster UI:  DAGSTER_HOME={d} BIOEMBED_HOME={h} uv run dagster dev -m dagster_project.definitions".format(
         d=home.dagster_home, h=home.root))
     print(f"MLflow UI:   uv run mlflow ui --backend-store-uri {home.mlflow_tracking_uri} "
           f"--default-artifact-root {home.mlflow_artifacts}")

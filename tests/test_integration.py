@@ -119,9 +119,14 @@ def test_rematerializing_a_plate_is_identical_and_adds_no_duplicates(materialize
     before = snapshot()
     resources = {"bioembed": BioembedHome(root=str(home.root), null_size=1000)}
     instance = dg.DagsterInstance.get()
+    checks = []
     for selection in (PER_PLATE_ASSETS, [normalized_profiles]):
-        assert dg.materialize(ALL_ASSETS, selection=selection, partition_key=plate, instance=instance,
-                              resources=resources).success
+        result = dg.materialize(ALL_ASSETS, selection=selection, partition_key=plate, instance=instance,
+                                resources=resources)
+        assert result.success
+        checks += result.get_asset_check_evaluations()
+    assert {c.check_name for c in checks} == {"negative_controls_present", "cells_per_well", "embeddings_finite"}
+    assert all(c.passed for c in checks)
     after = snapshot()
     for table, df in before.items():
         assert df.height > 0
