@@ -1,0 +1,39 @@
+"""`bioembed demo` end to end through the console script, twice on the same home."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bioembed_assets.config import Home
+from bioembed_assets.store.catalog import connect
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(home: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "BIOEMBED_HOME")}
+    proc = subprocess.run([sys.executable, "-m", "dagster_project.cli", "demo", "--home", str(home), "--plates", "2"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _counts(home: Path) -> dict[str, int]:
+    with connect(Home(root=home).catalog_path) as con:
+        return {v: con.sql(f"SELECT count(*) FROM {v}").fetchone()[0]
+                for v in ("cells", "embeddings", "profiles", "normalized_profiles", "metrics", "replicate_map")}
+
+
+def test_demo_reports_and_is_safe_to_rerun(tmp_path: Path) -> None:
+    home = tmp_path / "demo-home"
+    out = _demo(home)
+    for expected in ("Per encoder", "ca_mae", "classical", "rep mAP", "plate kNN acc", "Ground truth",
+                     "DuckDB catalog:", "Example query", "dagster dev", "mlflow ui", "Demo finished in", "untrained"):
+        assert expected in out, expected
+    first = _counts(home)
+    assert all(n > 0 for n in first.values()), first
+    _demo(home)
+    assert _counts(home) == first
