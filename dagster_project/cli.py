@@ -57,6 +57,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message=".*backfill_policy.*")
     warnings.filterwarnings("ignore", message=".*varying BackfillPolicies.*")
+    import mlflow  # noqa: F401  (configures its logger on import; quiet it afterwards)
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
