@@ -21,7 +21,7 @@ class Home(BaseModel):
     root: Path
 
     @classmethod
-    def from_env(cls, default: str | Path = "bioembed-home") -> "Home":
+    def from_env(cls, default: str | Path = "bioembed-home") -> Home:
         return cls(root=Path(os.environ.get(HOME_ENV_VAR, default)).expanduser().resolve())
 
     # -- raw data and stores ---------------------------------------------------------------
@@ -70,7 +70,7 @@ class Home(BaseModel):
     def dagster_home(self) -> Path:
         return self.root / "dagster"
 
-    def ensure(self) -> "Home":
+    def ensure(self) -> Home:
         for p in (self.root, self.raw_root, self.lake, self.dagster_home, self.mlflow_artifacts):
             p.mkdir(parents=True, exist_ok=True)
         return self

@@ -34,6 +34,14 @@ class EncoderVersion:
     def trained(self) -> bool:
         return self.tags.get("trained", "false") == "true"
 
+    def describe(self) -> str:
+        """'name vN: trained weights' / 'untrained weights (random init)' / 'no learned weights'."""
+        if self.tags.get("has_weights") == "false":
+            state = "no learned weights"
+        else:
+            state = "trained weights" if self.trained else "untrained weights (random init)"
+        return f"{self.name} v{self.version}: {state}"
+
 
 class EncoderRegistry:
     """Encoders in an MLflow registry (e.g. sqlite backend + a local artifact folder)."""
@@ -76,7 +84,7 @@ class EncoderRegistry:
         except MlflowException as err:
             if "already exists" not in str(err).lower():
                 raise
-        tags = {"family": spec.family, "trained": str(trained).lower()}
+        tags = {"family": spec.family, "trained": str(trained).lower(), "has_weights": str(bool(weights)).lower()}
         mv = self.client.create_model_version(
             name, source=f"runs:/{run_id}/{_ARTIFACT_DIR}", run_id=run_id, tags=tags,
             description=description,

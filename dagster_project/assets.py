@@ -75,7 +75,7 @@ def encoder(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Mat
     meta = {}
     for setup in bioembed.encoder_setups():
         version = registry.ensure(setup.name, setup.build, description=setup.description)
-        meta[setup.name] = f"v{version.version} ({'trained' if version.trained else 'untrained weights'})"
+        meta[setup.name] = version.describe()
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(str(sorted(meta.items()))))
 
 

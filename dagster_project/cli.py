@@ -9,12 +9,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from bioembed_assets.report import format_metrics, ground_truth_table, metrics_table, run_example
-
 
 def _demo(args: argparse.Namespace) -> int:
+    _quiet_libraries()
     from dataclasses import replace
 
+    from bioembed_assets.pipeline import DEFAULT_ENCODERS
+    from bioembed_assets.registry import EncoderRegistry
+    from bioembed_assets.report import format_metrics, ground_truth_table, metrics_table, run_example
     from dagster_project.demo import DEMO_SCREEN, run_demo
 
     screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
@@ -29,14 +31,16 @@ def _demo(args: argparse.Namespace) -> int:
     if truth.exists():
         print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")
         print(ground_truth_table(home.catalog_path, truth))
-    print("  Encoder weights: untrained (random init, registered as version 1); see README.")
+    registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+    print("\nEncoders (MLflow champion): " + "; ".join(
+        registry.get(setup.name).describe() for setup in DEFAULT_ENCODERS))
     if outcome.failures:
         print(f"\nFailed plates: {outcome.failures}")
     sql, result = run_example(home.catalog_path, "top_similar_wells")
     print(f"\nDuckDB catalog: {home.catalog_path}  (open read-only)")
     print(f"Example query:\n{sql}\n{result}")
-    print("\nDagster UI:  DAGSTER_HOME={d} BIOEMBED_HOME={h} uv run dagster dev -m dagster_project.definitions".format(
-        d=home.dagster_home, h=home.root))
+    print(f"\nDagster UI:  DAGSTER_HOME={home.dagster_home} BIOEMBED_HOME={home.root} "
+          "uv run dagster dev -m dagster_project.definitions")
     print(f"MLflow UI:   uv run mlflow ui --backend-store-uri {home.mlflow_tracking_uri} "
           f"--default-artifact-root {home.mlflow_artifacts}")
     print(f"\nDemo finished in {outcome.seconds:.0f} s.")
@@ -64,7 +68,6 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     parser = argparse.ArgumentParser(prog="bioembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate a synthetic screen and materialize the whole graph")

@@ -12,7 +12,12 @@ import dagster as dg
 from bioembed_assets.config import HOME_ENV_VAR, Home
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from dagster_project.assets import (
-    PER_PLATE_ASSETS, ALL_ASSETS, encoder, evaluation, normalized_profiles, normalizer,
+    ALL_ASSETS,
+    PER_PLATE_ASSETS,
+    encoder,
+    evaluation,
+    normalized_profiles,
+    normalizer,
 )
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome

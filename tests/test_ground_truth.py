@@ -3,8 +3,6 @@ ones, and the card normalization lowers the plate effect (classical features, li
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 import pytest
 

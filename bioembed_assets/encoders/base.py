@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class EncoderSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderSpec":
+    def from_dict(cls, d: dict[str, Any]) -> EncoderSpec:
         d = dict(d)
         if d.get("channels") is not None:
             d["channels"] = tuple(d["channels"])

@@ -256,7 +256,7 @@ class CAMAEEncoder:
         """Strict load; also accepts full OpenPhenom names (`encoder.vit_backbone.*`) and a missing pos_embed."""
         return load_openphenom_backbone(state_dict, self.module)
 
-    def to(self, device: str | torch.device) -> "CAMAEEncoder":
+    def to(self, device: str | torch.device) -> CAMAEEncoder:
         self.module.to(device)
         return self
 

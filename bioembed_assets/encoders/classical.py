@@ -18,8 +18,9 @@ Entropy in bits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -262,7 +263,7 @@ class ClassicalEncoder:
             raise ValueError(f"classical encoder has no weights; got keys {sorted(state_dict)[:5]}")
         return self
 
-    def to(self, device: str | torch.device) -> "ClassicalEncoder":
+    def to(self, device: str | torch.device) -> ClassicalEncoder:
         return self
 
 

@@ -86,7 +86,9 @@ def read_platemap(path: Path, plate: str) -> pl.DataFrame:
         try:
             w = well_name(*parse_well((well or "").strip().upper()))
         except BioembedInputError:
-            raise BioembedInputError(f"invalid well id {well!r}: expected e.g. 'A01'", plate=plate, well=well, path=path) from None
+            raise BioembedInputError(
+                f"invalid well id {well!r}: expected e.g. 'A01'", plate=plate, well=well, path=path
+            ) from None
         if not (pert or "").strip():
             raise BioembedInputError("empty perturbation", plate=plate, well=w, path=path)
         ct = _control_type(ctype or "")
