@@ -82,3 +82,59 @@ class EncoderChoice(BaseModel):
     name: str
     family: str
     config: dict = Field(default_factory=dict)
+
+
+class PlatemapConfig(BaseModel):
+    """Where a plate's platemap is and how its columns and control labels map to bioembed's."""
+
+    path: str = "platemap.csv"
+    """File path; relative paths are resolved against the plate folder (then the config file)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """bioembed column -> file column, e.g. {"perturbation": "Metadata_broad_sample"}."""
+    controls: dict[str, str] = Field(default_factory=dict)
+    """File value of the control column -> negative/positive/treatment, e.g. {"-1": "negative"}."""
+
+
+class RunConfig(BaseModel):
+    """A documented run configuration (`bioembed run --config FILE`, TOML).
+
+    Example::
+
+        layout = "imagexpress"            # phenix | imagexpress | loaddata | rxrx | omezarr | regex
+        raw_root = "/data/screen"          # one folder per plate (relative to the config file)
+        channels = ["DNA", "GFP"]          # stains to ingest, in order
+        [channel_map]                      # file channel token -> stain
+        w1 = "DNA"
+        w2 = "GFP"
+        [platemap]
+        path = "platemap.csv"
+        [platemap.columns]
+        perturbation = "Metadata_compound"
+        [layout_options]                   # e.g. pattern = '(?P<well>...)...' for layout "regex"
+    """
+
+    layout: str = "phenix"
+    raw_root: str = "raw"
+    plates: list[str] | None = None
+    """Plate folder names to run (default: every folder under raw_root)."""
+    channels: list[str]
+    channel_map: dict[str, str]
+    layout_options: dict[str, str] = Field(default_factory=dict)
+    platemap: PlatemapConfig = Field(default_factory=PlatemapConfig)
+    nuclear_channel: str = "DNA"
+    cell_channel: str | None = None
+    """Channel for whole-cell segmentation (watershed from nuclei); None = nuclei only."""
+    illumination_correction: bool = True
+    crop_size: int = 64
+    encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        """Parse a TOML run configuration; relative paths are resolved against its folder."""
+        import tomllib
+
+        path = Path(path)
+        cfg = cls.model_validate(tomllib.loads(path.read_text()))
+        base = path.resolve().parent
+        cfg.raw_root = str((base / cfg.raw_root).resolve())
+        return cfg
