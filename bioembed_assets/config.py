@@ -129,7 +129,7 @@ class RunConfig(BaseModel):
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         """Parse a TOML run configuration; relative paths are resolved against its folder."""
         import tomllib
 
