@@ -1,7 +1,8 @@
-"""Nuclei segmentation, plate segmentation and single-cell crops on synthetic blobs."""
+"""Nuclei and whole-cell segmentation, plate segmentation, single-cell crops and tiles on synthetic blobs."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -9,11 +10,15 @@ import numpy as np
 import polars as pl
 import pytest
 import zarr
+from scipy import ndimage as ndi
+from skimage.segmentation import expand_labels
 
 from bioembed_assets.schema import BioembedInputError
-from bioembed_assets.segment.crops import crop_origin, extract_crops
-from bioembed_assets.segment.nuclei import segment_nuclei
-from bioembed_assets.segment.plate import CELL_TABLE_SCHEMA, segment_plate
+from bioembed_assets.segment.cellpose_backend import segment_nuclei_cellpose
+from bioembed_assets.segment.cells import segment_cells
+from bioembed_assets.segment.crops import crop_origin, extract_crops, extract_tiles, window
+from bioembed_assets.segment.nuclei import estimate_nuclear_diameter, segment_nuclei, segment_nuclei_with_params
+from bioembed_assets.segment.plate import CELL_AREA, CELL_LABELS, CELL_TABLE_SCHEMA, segment_plate
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 
@@ -198,3 +203,259 @@ def test_crops_many_cells_chunked(tmp_path: Path) -> None:
     t, l = crop_origin(kept["centroid_y"].to_numpy(), kept["centroid_x"].to_numpy(), 24)
     for i, f in enumerate(kept["field"].to_list()):
         assert np.array_equal(imgs[i], source[f, :, t[i] : t[i] + 24, l[i] : l[i] + 24])
+
+
+# ---- scale-aware nuclei -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("radius", [4.0, 15.0])
+def test_nuclei_scale_to_their_size(radius: float) -> None:
+    """Small and large nuclei are counted right with the defaults (settings follow the diameter)."""
+    size = int(radius * 20)
+    centers = grid_centers(4, size, margin=int(3 * radius))
+    img = blob_image((size, size), centers, radius=radius)
+    d = estimate_nuclear_diameter(img)
+    assert 2 * radius - 2 <= d <= 2 * radius + 4  # the soft edge of the blobs counts a little
+    labels, params = segment_nuclei_with_params(img)
+    assert labels.max() == len(centers)
+    assert params is not None and params.min_distance >= 2 and params.min_area < np.pi * radius**2
+    touching = blob_image((size, size), [(size / 2, size / 2 - 0.9 * radius), (size / 2, size / 2 + 0.9 * radius)],
+                          radius=radius)
+    assert segment_nuclei(touching).max() == 2
+
+
+def test_nuclei_options_validated() -> None:
+    img = blob_image((64, 64), [(32, 32)], radius=6)
+    with pytest.raises(ValueError, match="threshold_method"):
+        segment_nuclei(img, threshold_method="triangle")  # type: ignore[arg-type]
+    assert segment_nuclei(img, threshold_method="otsu", declump="shape").max() == 1
+    assert segment_nuclei(img, max_area=20).max() == 0  # the one nucleus is larger
+
+
+# ---- whole cells ------------------------------------------------------------------------------
+
+def cell_scene(size: int = 128) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]:
+    """(dna, cyto, centres): three cells, two touching, one without cytoplasm stain."""
+    centers = [(40.0, 40.0), (40.0, 72.0), (95.0, 95.0)]
+    dna = blob_image((size, size), centers, radius=7, seed=1)
+    yy, xx = np.indices((size, size))
+    rng = np.random.default_rng(2)
+    cyto = np.full((size, size), 200.0)
+    for cy, cx in centers[:2]:  # the third cell's cytoplasm is unstained
+        cyto = np.maximum(cyto, 200 + 1500 * (np.hypot(yy - cy, xx - cx) <= 18))
+    cyto = np.clip(cyto + rng.normal(0, 30, cyto.shape), 0, 65535).astype(np.uint16)
+    return dna, cyto, centers
+
+
+def test_segment_cells_contain_their_nuclei() -> None:
+    dna, cyto, centers = cell_scene()
+    nuc = segment_nuclei(dna)
+    assert nuc.max() == 3
+    cells = segment_cells(nuc, cyto)
+    assert cells.dtype == np.int32 and cells.shape == nuc.shape
+    assert np.array_equal(cells[nuc > 0], nuc[nuc > 0])  # each nucleus inside the cell of its label
+    assert set(np.unique(cells)) == {0, 1, 2, 3}
+    a = np.bincount(cells.ravel())
+    n = np.bincount(nuc.ravel())
+    l1, l2, l3 = (int(nuc[int(y), int(x)]) for y, x in centers)
+    assert a[l1] > 4 * n[l1] and a[l2] > 4 * n[l2]  # grown over the stained cytoplasm
+    assert a[l3] == n[l3]  # unstained cytoplasm: the cell is its nucleus
+    assert cells[40, 50] == l1 and cells[40, 62] == l2  # the touching pair is split between them
+    for lab in (l1, l2, l3):  # one piece each
+        assert ndi.label(cells == lab)[1] == 1
+    assert segment_cells(np.zeros_like(nuc), cyto).max() == 0
+    assert np.array_equal(segment_cells(nuc, np.zeros_like(cyto)), nuc)  # blank stain: cells = nuclei
+    with pytest.raises(ValueError, match="one shape"):
+        segment_cells(nuc, cyto[:64])
+
+
+def test_segment_plate_whole_cell_mode(tmp_path: Path) -> None:
+    dna, cyto, _ = cell_scene()
+    group = zarr.open_group(str(tmp_path / "P.zarr"), mode="w")
+    arr = group.create_array("images", shape=(2, 2, 128, 128), chunks=(1, 1, 128, 128), dtype="uint16")
+    arr[0] = np.stack([dna, cyto])
+    arr[1] = np.stack([dna[::-1], cyto[::-1]])
+    group.attrs.update({"plate": "P", "channels": ["DNA", "AGP"]})
+    table = pl.DataFrame({"plate": ["P", "P"], "well": ["A01", "A02"], "site": [1, 1], "field": [0, 1]})
+    masks = tmp_path / "m.zarr"
+    cells = segment_plate(tmp_path / "P.zarr", table, masks, cell_channel="AGP")
+    assert dict(cells.schema) == {**CELL_TABLE_SCHEMA, CELL_AREA: pl.Int64}
+    g = zarr.open_group(str(masks), mode="r")
+    lab, cl = np.asarray(g["labels"][:]), np.asarray(g[CELL_LABELS][:])
+    assert cl.shape == lab.shape and cl.dtype == np.int32
+    assert np.array_equal(cl[lab > 0], lab[lab > 0])
+    for row in cells.iter_rows(named=True):
+        assert row["cell_area"] == (cl[row["field"]] == row["label"]).sum() >= row["area"]
+    assert dict(g.attrs)["cell_channel"] == "AGP"
+    # nuclear-only (the default) writes no cell labels and keeps the contract
+    plain = segment_plate(tmp_path / "P.zarr", table, tmp_path / "n.zarr")
+    assert dict(plain.schema) == CELL_TABLE_SCHEMA
+    assert CELL_LABELS not in zarr.open_group(str(tmp_path / "n.zarr"), mode="r").array_keys()
+    assert plain.select("field", "label", "area").equals(cells.select("field", "label", "area"))
+    with pytest.raises(BioembedInputError, match="'ER'"):
+        segment_plate(tmp_path / "P.zarr", table, tmp_path / "x.zarr", cell_channel="ER")
+
+
+# ---- Cellpose backend (not installed here: the error paths) ------------------------------------
+
+def test_cellpose_missing_weights_is_a_clear_error(plate, tmp_path: Path) -> None:
+    img = blob_image((64, 64), [(32, 32)], radius=6)
+    with pytest.raises(BioembedInputError, match="never downloads"):
+        segment_nuclei_cellpose(img, tmp_path / "nope.pth")
+    store, table, _ = plate
+    with pytest.raises(BioembedInputError, match="never downloads"):
+        segment_plate(store, table, tmp_path / "m.zarr", backend="cellpose", model_path=tmp_path / "nope.pth")
+    assert not (tmp_path / "m.zarr").exists()
+    with pytest.raises(BioembedInputError, match="model_path"):
+        segment_plate(store, table, tmp_path / "m.zarr", backend="cellpose")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cellpose") is not None, reason="cellpose is installed")
+def test_cellpose_not_installed_says_how_to_install(plate, tmp_path: Path) -> None:
+    weights = tmp_path / "nuclei.pth"
+    weights.write_bytes(b"not really weights")
+    img = blob_image((64, 64), [(32, 32)], radius=6)
+    with pytest.raises(RuntimeError, match="pip install cellpose"):
+        segment_nuclei_cellpose(img, weights)
+    store, table, _ = plate
+    with pytest.raises(RuntimeError, match="not installed"):
+        segment_plate(store, table, tmp_path / "m.zarr", backend="cellpose", model_path=weights)
+    assert not (tmp_path / "m.zarr").exists()
+
+
+# ---- crops: padding, neighbour masking ---------------------------------------------------------
+
+def test_crops_pad_keeps_border_cells_with_zeros(plate, tmp_path: Path) -> None:
+    store, table, _ = plate
+    masks = tmp_path / "m.zarr"
+    cells = segment_plate(store, table, masks)
+    kept, summary = extract_crops(store, masks, cells, tmp_path / "c.zarr", crop_size=32, border="pad")
+    assert kept.height == cells.height
+    border = kept.filter(pl.col("padded_pixels") > 0)
+    assert border.height == 2
+    assert summary == {"cells": cells.height, "kept": cells.height, "dropped_border": 0, "policy": "pad",
+                       "padded_cells": 2, "padded_pixels": int(border["padded_pixels"].sum())}
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert dict(group.attrs)["policy"] == "pad" and dict(group.attrs)["padded_cells"] == 2
+    imgs, cmasks = np.asarray(group["images"][:]), np.asarray(group["masks"][:])
+    source = np.asarray(zarr.open_group(str(store), mode="r")["images"][:])
+    for row in kept.iter_rows(named=True):
+        t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 32))
+        crop, m = imgs[row["crop_index"]], cmasks[row["crop_index"]]
+        inside = np.zeros((32, 32), bool)
+        y0, x0 = max(t, 0), max(l, 0)
+        y1, x1 = min(t + 32, 128), min(l + 32, 128)
+        inside[y0 - t : y1 - t, x0 - l : x1 - l] = True
+        assert row["padded_pixels"] == (~inside).sum()
+        assert (crop[:, ~inside] == 0).all() and not m[~inside].any()  # zeros outside, never NaN
+        assert np.array_equal(crop[:, inside].reshape(5, y1 - y0, x1 - x0), source[row["field"], :, y0:y1, x0:x1])
+        assert m[16, 16]
+    # the drop policy on the same cells: the same interior crops, in order
+    dkept, _ = extract_crops(store, masks, cells, tmp_path / "d.zarr", crop_size=32)
+    assert (dkept["padded_pixels"] == 0).all()
+    dimgs = np.asarray(zarr.open_group(str(tmp_path / "d.zarr"), mode="r")["images"][:])
+    interior = kept.filter(pl.col("padded_pixels") == 0)["crop_index"].to_numpy()
+    assert np.array_equal(dimgs, imgs[interior])
+
+
+def test_crops_mask_neighbors_zeroes_other_cells(tmp_path: Path) -> None:
+    fields = [[(40.0, 40.0), (40.0, 60.0), (62.0, 50.0)], [(64.0, 64.0)]]
+    table = make_store(tmp_path / "P.zarr", fields, size=128)
+    masks = tmp_path / "m.zarr"
+    cells = segment_plate(tmp_path / "P.zarr", table, masks)
+    assert cells.height == 4
+    kept, summary = extract_crops(tmp_path / "P.zarr", masks, cells, tmp_path / "c.zarr", crop_size=48,
+                                  mask_neighbors=True)
+    plain, _ = extract_crops(tmp_path / "P.zarr", masks, cells, tmp_path / "p.zarr", crop_size=48)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert dict(group.attrs)["mask_neighbors"] is True and dict(group.attrs)["mask_source"] == "grown_nuclei"
+    imgs, cm = np.asarray(group["images"][:]), np.asarray(group["masks"][:])
+    raw = np.asarray(zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["images"][:])
+    grown = expand_labels(np.asarray(zarr.open_group(str(masks), mode="r")["labels"][:])[0], distance=4)
+    total = 0
+    for row in kept.iter_rows(named=True):
+        t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 48))
+        i = row["crop_index"]
+        if row["field"] == 0:
+            seg = grown[t : t + 48, l : l + 48]
+            others = (seg > 0) & (seg != row["label"])
+            assert others.sum() > 50  # the neighbours are in the window ...
+            assert (imgs[i][:, others] == 0).all()  # ... and blanked in every channel
+            assert np.array_equal(imgs[i][:, ~others], raw[i][:, ~others])  # own cell and background kept
+            total += int(others.sum())
+        else:
+            assert np.array_equal(imgs[i], raw[i])  # a lone cell is untouched
+        assert cm[i][24, 24]
+    assert summary["masked_neighbor_pixels"] == total and plain.height == kept.height
+
+
+def test_crops_use_whole_cell_labels_when_present(tmp_path: Path) -> None:
+    dna, cyto, _ = cell_scene()
+    group = zarr.open_group(str(tmp_path / "P.zarr"), mode="w")
+    group.create_array("images", shape=(1, 2, 128, 128), chunks=(1, 1, 128, 128), dtype="uint16")[0] = np.stack([dna, cyto])
+    group.attrs.update({"plate": "P", "channels": ["DNA", "AGP"]})
+    table = pl.DataFrame({"plate": ["P"], "well": ["A01"], "site": [1], "field": [0]})
+    cells = segment_plate(tmp_path / "P.zarr", table, tmp_path / "m.zarr", cell_channel="AGP")
+    kept, summary = extract_crops(tmp_path / "P.zarr", tmp_path / "m.zarr", cells, tmp_path / "c.zarr", crop_size=48,
+                                  border="pad", mask_neighbors=True)
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert dict(g.attrs)["mask_source"] == "cell_labels"
+    cl = np.asarray(zarr.open_group(str(tmp_path / "m.zarr"), mode="r")[CELL_LABELS][0])
+    imgs, cm = np.asarray(g["images"][:]), np.asarray(g["masks"][:])
+    for row in kept.iter_rows(named=True):
+        t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 48))
+        seg = window(cl, t, l, 48)
+        assert np.array_equal(cm[row["crop_index"]], seg == row["label"])
+        assert cm[row["crop_index"]].sum() == row["cell_area"]  # whole cell inside the window
+        assert (imgs[row["crop_index"]][:, (seg > 0) & (seg != row["label"])] == 0).all()
+    assert summary["masked_neighbor_pixels"] > 0
+
+
+def test_crops_refuse_nan_pixels(tmp_path: Path) -> None:
+    group = zarr.open_group(str(tmp_path / "P.zarr"), mode="w")
+    img = blob_image((64, 64), [(32, 32)], radius=6).astype(np.float32)
+    arr = group.create_array("images", shape=(1, 1, 64, 64), dtype="float32")
+    arr[0, 0] = img
+    group.attrs.update({"plate": "P", "channels": ["DNA"]})
+    table = pl.DataFrame({"plate": ["P"], "well": ["A01"], "site": [1], "field": [0]})
+    cells = segment_plate(tmp_path / "P.zarr", table, tmp_path / "m.zarr")
+    img[0, 0] = np.nan
+    arr[0, 0] = img
+    with pytest.raises(BioembedInputError, match=r"plate=P, well=A01.*non-finite"):
+        extract_crops(tmp_path / "P.zarr", tmp_path / "m.zarr", cells, tmp_path / "c.zarr", crop_size=16)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_crops_border_option_validated(plate, tmp_path: Path) -> None:
+    store, table, _ = plate
+    cells = segment_plate(store, table, tmp_path / "m.zarr")
+    with pytest.raises(ValueError, match="border"):
+        extract_crops(store, tmp_path / "m.zarr", cells, tmp_path / "c.zarr", border="mirror")  # type: ignore[arg-type]
+
+
+# ---- tiles ------------------------------------------------------------------------------------
+
+def test_tiles_inside_the_image_and_counted(plate, tmp_path: Path) -> None:
+    store, table, _ = plate
+    tiles, summary = extract_tiles(store, tmp_path / "t.zarr", tile_size=48, image_table=table)
+    # 128 = 2 x 48 + 32: 2 x 2 tiles per field, 32 rows and columns dropped
+    assert summary == {"fields": 4, "tiles": 16, "tiles_per_field": 4, "dropped_rows": 32, "dropped_cols": 32,
+                       "dropped_pixels_per_field": 128 * 128 - 4 * 48 * 48, "policy": "inside"}
+    assert tiles.columns == ["plate", "well", "site", "field", "tile_id", "y0", "x0", "crop_index"]
+    assert tiles.filter(pl.col("field") == 1)[["tile_id", "y0", "x0"]].rows() == [(0, 0, 0), (1, 0, 48), (2, 48, 0),
+                                                                                   (3, 48, 48)]
+    assert tiles["well"].to_list()[:4] == ["A01"] * 4 and tiles["plate"].unique().to_list() == ["P1"]
+    g = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
+    imgs = np.asarray(g["images"][:])
+    assert imgs.shape == (16, 5, 48, 48) and imgs.dtype == np.uint16 and np.asarray(g["masks"][:]).all()
+    assert dict(g.attrs)["tile_size"] == 48 and dict(g.attrs)["n_tiles"] == 16
+    source = np.asarray(zarr.open_group(str(store), mode="r")["images"][:])
+    for row in tiles.iter_rows(named=True):
+        y, x = row["y0"], row["x0"]
+        assert np.array_equal(imgs[row["crop_index"]], source[row["field"], :, y : y + 48, x : x + 48])
+    # overlapping tiles with a stride; fields from the store's own attrs
+    zarr.open_group(str(store), mode="r+").attrs.update({"wells": ["A01", "A01", "B02", "B02"], "sites": [1, 2, 1, 2]})
+    tiles2, s2 = extract_tiles(store, tmp_path / "t2.zarr", tile_size=48, stride=40)
+    assert s2["tiles_per_field"] == 9 and s2["dropped_rows"] == 0 and tiles2.height == 36
+    assert tiles2.filter(pl.col("field") == 3)["site"].unique().to_list() == [2]
+    with pytest.raises(BioembedInputError, match="larger than"):
+        extract_tiles(store, tmp_path / "t3.zarr", tile_size=256)

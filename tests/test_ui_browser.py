@@ -11,6 +11,7 @@ Set `BIOEMBED_SCREENSHOT_DIR` to keep the screenshots somewhere other than pytes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import pytest
 
 from conftest import TINY_SCREEN
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(1800)]
 
 ASSETS = ["raw_plate", "platemap", "segmentation", "crops", "encoder", "embeddings", "well_profiles",
           "normalizer", "normalized_profiles", "evaluation"]
@@ -38,7 +39,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # nodes (below that it draws "minimal" nodes with middle-truncated names such as "normaliz…_profiles").
 LINEAGE_VIEWPORT = {"width": 3000, "height": 1500}
 SERVER_START_TIMEOUT_S = 240
-BACKFILL_TIMEOUT_S = 900  # 2 plates took 6m40s on 2 idle cores; the daemon ticks every 30 s
+BACKFILL_TIMEOUT_S = 1200  # 2 plates: 6m40s on 2 idle cores, >15 min on 2 busy ones (daemon ticks every 30 s)
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -86,14 +87,21 @@ class Server:
             time.sleep(1)
         pytest.fail(f"{self.name} did not answer {self.url + path} within {timeout_s} s:\n{self.log_tail()}")
 
-    def stop(self) -> None:
-        """SIGTERM to the whole process group (the server and everything it started), then SIGKILL."""
+    def terminate(self) -> None:
+        """SIGTERM to the whole process group: the server and everything it started."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            except ProcessLookupError:
                 pass
+
+    def stop(self) -> None:
+        """`terminate`, up to 30 s to exit, then SIGKILL to what is left of the group."""
+        self.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # leftovers (e.g. run workers) of the group
         except ProcessLookupError:
@@ -195,6 +203,8 @@ def servers(ui_home) -> Iterator[dict[str, Server]]:
         yield started
     finally:
         for server in started.values():
+            server.terminate()  # both shut down at once
+        for server in started.values():
             server.stop()
 
 
@@ -226,26 +236,10 @@ def _open_lineage(page, dagster_url: str) -> None:
     asset_name.wait_for()
 
 
-def _zoom_until_full_names(page) -> None:
-    """Fallback when the fitted graph is too small for full nodes: ctrl+wheel around its centre."""
-    full = page.get_by_text("normalized_profiles", exact=True)
-    for _ in range(8):
-        if full.count():
-            return
-        boxes = [b for n in ASSETS if (loc := page.get_by_text(n, exact=True)).count()
-                 and (b := loc.first.bounding_box())]
-        x = sum(b["x"] + b["width"] / 2 for b in boxes) / len(boxes)
-        y = sum(b["y"] + b["height"] / 2 for b in boxes) / len(boxes)
-        page.mouse.move(x, y)
-        page.keyboard.down("Control")
-        page.mouse.wheel(0, -8)
-        page.keyboard.up("Control")
-        page.wait_for_timeout(400)
-
-
 def test_lineage_shows_every_asset(page, servers, screenshots: Path) -> None:
     _open_lineage(page, servers["dagster"].url)
-    _zoom_until_full_names(page)
+    assert page.get_by_text("normalized_profiles", exact=True).count(), \
+        "the lineage graph is drawn with minimal (name-truncated) nodes: widen LINEAGE_VIEWPORT"
     viewport = page.viewport_size
     for name in ASSETS:
         node = page.get_by_text(name, exact=True)
@@ -301,6 +295,7 @@ def test_backfill_of_every_plate_from_the_ui(page, servers, ui_home, screenshots
     created = page.get_by_text(re.compile(r"^Created backfill \w+$"))
     created.wait_for()
     backfill_id = created.inner_text().split()[-1]
+    page.goto("about:blank")  # an open Dagster page polls the webserver every 2 s: spare the CPU meanwhile
 
     terminal = {"COMPLETED_SUCCESS", "COMPLETED_FAILED", "COMPLETED", "FAILED", "CANCELED"}  # BulkActionStatus
     with dg.DagsterInstance.from_config(str(home.dagster_home)) as instance:
@@ -344,6 +339,9 @@ def _close_mlflow_dialogs(page) -> None:
 
 def test_mlflow_lists_the_registered_encoders(browser, servers, screenshots: Path) -> None:
     mlflow = servers["mlflow"]
+    with urllib.request.urlopen(f"{mlflow.url}/api/2.0/mlflow/registered-models/search", timeout=30) as r:
+        if not json.load(r).get("registered_models"):
+            pytest.skip("no registered models yet: the backfill test (the `encoder` asset) registers them")
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     try:
         page = context.new_page()
@@ -358,9 +356,10 @@ def test_mlflow_lists_the_registered_encoders(browser, servers, screenshots: Pat
         page.screenshot(path=screenshots / "mlflow-models.png")
 
         page.goto(f"{mlflow.url}/#/models/ca_mae", wait_until="load")
-        page.get_by_role("link", name="Version 1").first.wait_for()
+        version_1 = page.get_by_role("row").filter(has=page.get_by_role("link", name="Version 1", exact=True))
+        version_1.first.wait_for()
         _close_mlflow_dialogs(page)
-        assert page.get_by_text("champion").first.is_visible(), "no `champion` alias on the ca_mae model page"
+        assert "champion" in version_1.first.inner_text(), "no `champion` alias on ca_mae version 1"
         page.screenshot(path=screenshots / "mlflow-ca_mae.png")
     finally:
         context.close()

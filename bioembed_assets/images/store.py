@@ -18,12 +18,11 @@ from typing import TypeVar
 import numcodecs
 import numpy as np
 import polars as pl
-import tifffile
 import zarr
 from zarr.codecs import BloscCodec
 
-from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError
-from bioembed_assets.sources.phenix import FieldFiles
+from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, validate_plate_name
+from bioembed_assets.sources.layouts import FieldSource, read_image_file
 from bioembed_assets.store.atomic import atomic_dir
 
 IMAGES = "images"
@@ -34,50 +33,66 @@ _R = TypeVar("_R")
 
 
 def read_image(path: Path) -> np.ndarray:
-    """One 2-D image from a TIFF. Falls back to Pillow for compressions (e.g. LZW) that
-    tifffile cannot decode without the optional `imagecodecs` package."""
-    try:
-        return tifffile.imread(path)
-    except ValueError as e:
-        if "imagecodecs" not in str(e):
-            raise
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im)
+    """One image file (TIFF, PNG). Kept for callers of the old name; see `sources.layouts.read_image_file`."""
+    return read_image_file(path)
 
 
-def _read_field(field: FieldFiles, channels: Sequence[str]) -> np.ndarray:
-    planes = []
+def _kind(location: str) -> str:
+    loc = location.lower()
+    return "TIFF" if loc.endswith((".tif", ".tiff")) else "PNG" if loc.endswith(".png") else "image"
+
+
+def _read_field(field: FieldSource, channels: Sequence[str]) -> np.ndarray:
+    """The (C, H, W) stack of `channels` of one field, checked: 2-D, uint8/uint16, one shape and dtype."""
+    planes: list[np.ndarray] = []
     for stain in channels:
-        path = field.paths.get(stain)
-        if path is None:
+        if stain not in field.stains:
             raise BioembedInputError(
-                f"site {field.site} has no {stain!r} image (has {sorted(field.paths)})", plate=field.plate, well=field.well
+                f"site {field.site} has no {stain!r} image (has {sorted(field.stains)})", plate=field.plate, well=field.well
             )
+        where = field.location(stain)
         try:
-            img = read_image(path)
+            img = field.read(stain)
+        except BioembedInputError:
+            raise
         except Exception as e:  # noqa: BLE001 - any decode failure means a bad file
             raise BioembedInputError(
-                f"cannot read TIFF (corrupt or truncated?): {type(e).__name__}: {e}",
+                f"cannot read {_kind(where)} (corrupt or truncated?): {type(e).__name__}: {e}",
                 plate=field.plate,
                 well=field.well,
-                path=path,
+                path=where,
             ) from e
         img = np.squeeze(img)
-        if img.ndim != 2 or img.dtype not in _DTYPES:
+        if img.dtype not in _DTYPES:
+            what = "non-integer" if not np.issubdtype(img.dtype, np.integer) else "unsupported"
             raise BioembedInputError(
-                f"expected a 2-D uint8/uint16 image, got shape {img.shape} dtype {img.dtype}",
+                f"{what} pixel type {img.dtype} for {stain} (site {field.site}): expected a uint8/uint16 image",
                 plate=field.plate,
                 well=field.well,
-                path=path,
+                path=where,
             )
-        if planes and (img.shape != planes[0].shape or img.dtype != planes[0].dtype):
+        if img.ndim != 2:
             raise BioembedInputError(
-                f"{stain} image is {img.shape} {img.dtype} but {channels[0]} is {planes[0].shape} {planes[0].dtype}",
+                f"expected a 2-D uint8/uint16 image for {stain} (site {field.site}), got shape {img.shape} dtype {img.dtype}",
                 plate=field.plate,
                 well=field.well,
-                path=path,
+                path=where,
+            )
+        if planes and img.dtype != planes[0].dtype:
+            raise BioembedInputError(
+                f"mixed bit depth in site {field.site}: {stain} is {img.dtype} but {channels[0]} is {planes[0].dtype} "
+                f"({field.location(channels[0])}); all channels must share one dtype",
+                plate=field.plate,
+                well=field.well,
+                path=where,
+            )
+        if planes and img.shape != planes[0].shape:
+            raise BioembedInputError(
+                f"channels of different shapes in site {field.site}: {stain} image is {img.shape} but {channels[0]} "
+                f"is {planes[0].shape} ({field.location(channels[0])})",
+                plate=field.plate,
+                well=field.well,
+                path=where,
             )
         planes.append(img)
     return np.stack(planes)
@@ -120,13 +135,24 @@ class _ChunkWriter:
 
 
 def _qc(stack: np.ndarray) -> tuple[list[float], float]:
-    flat = stack.reshape(len(stack), -1)
-    means = flat.mean(axis=1, dtype=np.float64).tolist()
-    return means, float((flat == np.iinfo(stack.dtype).max).mean(axis=1).max())
+    """Per-channel means and the largest per-channel fraction of saturated pixels (at the dtype's max).
+
+    Integer sums (exact) and a max per channel; pixels are only counted where a channel reaches the
+    maximum, so the common unsaturated field costs two fast passes instead of a float mean and a
+    boolean mask (this was ~40% of ingest time)."""
+    top = np.iinfo(stack.dtype).max
+    n = stack.shape[1] * stack.shape[2]
+    # row sums fit uint32 (width * 65535 < 2**32 up to 65536 px), which numpy adds ~3x faster than uint64
+    row_dtype = np.uint32 if stack.shape[2] <= 65536 else np.uint64
+    sums = np.add.reduce(stack, axis=2, dtype=row_dtype).sum(axis=1, dtype=np.uint64)
+    means = [int(v) / n for v in sums]
+    maxima = stack.reshape(len(stack), -1).max(axis=1)
+    saturated = [np.count_nonzero(plane == top) / n if m == top else 0.0 for plane, m in zip(stack, maxima)]
+    return means, float(max(saturated))
 
 
 def ingest_plate(
-    fields: list[FieldFiles], store_path: Path, channels: Sequence[str], *, workers: int = 4
+    fields: Sequence[FieldSource], store_path: Path, channels: Sequence[str], *, workers: int = 4
 ) -> pl.DataFrame:
     """Copy a plate's field images into a zarr store at `store_path`; return its image table.
 
@@ -134,12 +160,16 @@ def ingest_plate(
     site, field (row index into `images`), `qc_mean_<stain>` and `qc_saturated_fraction` (the
     largest, over channels, fraction of pixels at the dtype's maximum). Fields are streamed on
     `workers` threads (read, check, compress, write); the store replaces any previous one
-    atomically. Bad files raise BioembedInputError naming plate, well and file.
+    atomically. `fields` are any `FieldSource` (files of a layout, OME-Zarr fields); images must be
+    2-D uint8 or uint16, every channel of every field one shape and one dtype. Bad inputs (corrupt or
+    truncated files, other shapes, mixed bit depth, non-integer pixels) raise BioembedInputError naming
+    plate, well and file, and leave no store (nor any temporary folder) behind.
     """
     if not fields:
         raise BioembedInputError("no fields to ingest", path=store_path)
     channels = list(channels)
     plate = fields[0].plate
+    validate_plate_name(plate)
     if not channels or len(set(channels)) != len(channels):
         raise BioembedInputError(f"channels must be non-empty and distinct, got {channels}", plate=plate)
     if any(f.plate != plate for f in fields):
@@ -176,13 +206,21 @@ def ingest_plate(
         def ingest(i: int) -> tuple[list[float], float]:
             field = fields[i]
             stack = first if i == 0 else _read_field(field, channels)
-            if stack.shape != first.shape or stack.dtype != first.dtype:
+            if stack.dtype != first.dtype:
                 raise BioembedInputError(
-                    f"site {field.site} images are {stack.shape[1:]} {stack.dtype}, but well {fields[0].well} "
-                    f"site {fields[0].site} images are {first.shape[1:]} {first.dtype}",
+                    f"mixed bit depth across fields: site {field.site} images are {stack.dtype}, but well "
+                    f"{fields[0].well} site {fields[0].site} images are {first.dtype}",
                     plate=plate,
                     well=field.well,
-                    path=field.paths[channels[0]],
+                    path=field.location(channels[0]),
+                )
+            if stack.shape != first.shape:
+                raise BioembedInputError(
+                    f"fields of different shapes: site {field.site} images are {stack.shape[1:]}, but well "
+                    f"{fields[0].well} site {fields[0].site} images are {first.shape[1:]}",
+                    plate=plate,
+                    well=field.well,
+                    path=field.location(channels[0]),
                 )
             writer.write(i, stack)
             return _qc(stack)

@@ -1,9 +1,9 @@
-"""Segment every field of a plate store: a zarr `labels` array plus the per-nucleus cell table."""
+"""Segment every field of a plate store: zarr `labels` (nuclei) and optionally `cell_labels`, plus the cell table."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -11,7 +11,9 @@ import zarr
 from tqdm.auto import tqdm
 
 from bioembed_assets.schema import CELL_ID, FIELD, PLATE, SITE, WELL, BioembedInputError
-from bioembed_assets.segment.nuclei import segment_nuclei
+from bioembed_assets.segment.cellpose_backend import check_cellpose, segment_nuclei_cellpose
+from bioembed_assets.segment.cells import segment_cells
+from bioembed_assets.segment.nuclei import segment_nuclei_with_params
 from bioembed_assets.store.atomic import atomic_dir
 
 CELL_TABLE_SCHEMA: dict[str, pl.DataType] = {
@@ -25,7 +27,12 @@ CELL_TABLE_SCHEMA: dict[str, pl.DataType] = {
     "centroid_x": pl.Float64,
     "area": pl.Int64,
 }
-"""Columns and dtypes of the cell table returned by `segment_plate`."""
+"""Columns and dtypes of the cell table returned by `segment_plate` (nuclear-only mode)."""
+CELL_AREA = "cell_area"
+"""Extra Int64 column in whole-cell mode: the cell's area in pixels (nucleus included)."""
+CELL_LABELS = "cell_labels"
+"""Name of the whole-cell label array in the masks store (absent in nuclear-only mode)."""
+Backend = Literal["classic", "cellpose"]
 
 
 def cell_id(well: str, site: int, label: int) -> str:
@@ -97,14 +104,25 @@ def segment_plate(
     masks_path: Path,
     nuclear_channel: str = "DNA",
     progress: bool = False,
+    *,
+    cell_channel: str | None = None,
+    cell_kwargs: dict[str, Any] | None = None,
+    backend: Backend = "classic",
+    model_path: Path | None = None,
     **segment_kwargs: Any,
 ) -> pl.DataFrame:
-    """Segment nuclei in every field of the image table; write masks, return the cell table.
+    """Segment nuclei (and optionally whole cells) in every field; write masks, return the cell table.
 
-    Writes (atomically) a zarr group at `masks_path` with `labels` (n_fields, H, W) int32,
+    Writes (atomically) a zarr group at `masks_path` with `labels` (n_fields, H, W) int32 nuclei,
     one chunk per field; fields absent from `image_table` stay 0. Fields are read and segmented
-    one at a time, so memory stays at one field. `segment_kwargs` go to `segment_nuclei`.
-    Returns one row per nucleus with the columns of `CELL_TABLE_SCHEMA`, sorted by field, label.
+    one at a time, so memory stays at one field. `segment_kwargs` go to `segment_nuclei` (backend
+    "classic") or `segment_nuclei_cellpose` (backend "cellpose", which needs a local
+    `model_path`; weights are never downloaded).
+    Whole-cell mode (`cell_channel`, e.g. "AGP"): `segment_cells` grows each nucleus over that
+    channel (`cell_kwargs` go to it) and a second array `cell_labels` is written; each cell has
+    its nucleus's label. The table then gains `cell_area`. Nuclear-only is the default.
+    Returns one row per nucleus with the columns of `CELL_TABLE_SCHEMA` (+ `cell_area`), sorted
+    by field, label; centroids and `area` are the nucleus's.
     """
     store_path, masks_path = Path(store_path), Path(masks_path)
     images, plate, channels = open_plate_images(store_path)
@@ -113,37 +131,90 @@ def segment_plate(
             f"nuclear channel {nuclear_channel!r} not in the plate's channels {channels}",
             plate=plate, path=store_path,
         )
+    if cell_channel is not None and cell_channel not in channels:
+        raise BioembedInputError(
+            f"cell channel {cell_channel!r} not in the plate's channels {channels}",
+            plate=plate, path=store_path,
+        )
+    if backend not in ("classic", "cellpose"):
+        raise ValueError(f"backend must be 'classic' or 'cellpose', got {backend!r}")
+    if backend == "classic" and model_path is not None:
+        raise ValueError("model_path is for backend='cellpose'; the classic backend has no weights")
+    if backend == "cellpose":
+        if model_path is None:
+            raise BioembedInputError("backend 'cellpose' needs model_path (a local weights file)", plate=plate)
+        check_cellpose(model_path)  # fail before any work, with install / weights advice
     c = channels.index(nuclear_channel)
+    cc = channels.index(cell_channel) if cell_channel is not None else None
     n_fields, _, h, w = images.shape
     table = _check_image_table(image_table, plate, n_fields, store_path)
+    cell_kwargs = dict(cell_kwargs or {})
 
     parts: list[np.ndarray] = []
+    diameters: list[float] = []
+    n_stats = 6 if cc is not None else 5
     with atomic_dir(masks_path) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         labels_arr = group.create_array(
             "labels", shape=(n_fields, h, w), chunks=(1, h, w), dtype="int32", fill_value=0
         )
+        cells_arr = None
+        if cc is not None:
+            cells_arr = group.create_array(
+                CELL_LABELS, shape=(n_fields, h, w), chunks=(1, h, w), dtype="int32", fill_value=0
+            )
         for f in tqdm(table[FIELD].to_list(), desc=f"segment {plate}", disable=not progress):
-            lab = segment_nuclei(np.asarray(images[f, c]), **segment_kwargs)
+            if backend == "cellpose":
+                lab = segment_nuclei_cellpose(np.asarray(images[f, c]), Path(model_path), **segment_kwargs)
+            else:
+                lab, params = segment_nuclei_with_params(np.asarray(images[f, c]), **segment_kwargs)
+                if params is not None:
+                    diameters.append(params.diameter)
             labels_arr[f] = lab
             ids, cy, cx, area = label_stats(lab)
-            parts.append(np.column_stack([np.full(len(ids), f), ids, cy, cx, area]))
-        stats = np.concatenate(parts) if parts else np.zeros((0, 5))
-        group.attrs.update(
-            {"plate": plate, "nuclear_channel": nuclear_channel, "n_cells": int(len(stats)),
-             "segmentation": {"method": "otsu+watershed", **segment_kwargs}}
-        )
+            cols = [np.full(len(ids), f), ids, cy, cx, area]
+            if cells_arr is not None:
+                cell_lab = segment_cells(lab, np.asarray(images[f, cc]), **cell_kwargs)
+                cells_arr[f] = cell_lab
+                cols.append(np.bincount(cell_lab.ravel(), minlength=int(lab.max()) + 1)[ids])
+            parts.append(np.column_stack(cols) if len(ids) else np.zeros((0, n_stats)))
+        stats = np.concatenate(parts) if parts else np.zeros((0, n_stats))
+        if backend == "cellpose":
+            seg_attrs: dict[str, Any] = {"method": "cellpose", "backend": backend}
+        else:
+            seg_attrs = {"method": f"{segment_kwargs.get('threshold_method', 'li')} threshold + "
+                                   f"{segment_kwargs.get('declump', 'shape_intensity')} watershed",
+                         "backend": backend}
+        seg_attrs.update({k: v for k, v in segment_kwargs.items() if _jsonable(v)})
+        if backend == "cellpose":
+            seg_attrs["model_path"] = str(model_path)
+        if diameters:
+            seg_attrs["nuclear_diameter_px"] = {"median": float(np.median(diameters)),
+                                                "min": float(np.min(diameters)), "max": float(np.max(diameters))}
+        attrs: dict[str, Any] = {"plate": plate, "nuclear_channel": nuclear_channel, "n_cells": int(len(stats)),
+                                 "segmentation": seg_attrs, "cell_channel": cell_channel}
+        if cell_channel is not None:
+            attrs["cell_segmentation"] = {"method": "propagation-watershed",
+                                          **{k: v for k, v in cell_kwargs.items() if _jsonable(v)}}
+        group.attrs.update(attrs)
 
-    cells = pl.DataFrame(
-        {
-            FIELD: stats[:, 0].astype(np.int64),
-            "label": stats[:, 1].astype(np.int32),
-            "centroid_y": stats[:, 2],
-            "centroid_x": stats[:, 3],
-            "area": stats[:, 4].astype(np.int64),
-        }
-    )
+    data = {
+        FIELD: stats[:, 0].astype(np.int64),
+        "label": stats[:, 1].astype(np.int32),
+        "centroid_y": stats[:, 2],
+        "centroid_x": stats[:, 3],
+        "area": stats[:, 4].astype(np.int64),
+    }
+    schema = dict(CELL_TABLE_SCHEMA)
+    if cc is not None:
+        data[CELL_AREA] = stats[:, 5].astype(np.int64)
+        schema[CELL_AREA] = pl.Int64
+    cells = pl.DataFrame(data)
     cells = cells.join(table, on=FIELD, how="left").with_columns(
         pl.format("{}-s{}-{}", pl.col(WELL), pl.col(SITE), pl.col("label")).alias(CELL_ID)
     )
-    return cells.select(list(CELL_TABLE_SCHEMA)).cast(CELL_TABLE_SCHEMA).sort(FIELD, "label")
+    return cells.select(list(schema)).cast(schema).sort(FIELD, "label")
+
+
+def _jsonable(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))

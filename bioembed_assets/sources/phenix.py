@@ -1,30 +1,33 @@
 """Reader for the Opera Phenix / Cell Painting Gallery layout: `r{RR}c{CC}f{FF}p{PP}-ch{K}sk1fk1fl1.tiff`.
 
-One TIFF per (well, field, plane, channel). Only plane 1 is read. Phenix channel numbers are mapped to
-stain names by a channel map, e.g. ``{1: "DNA", 2: "ER", 3: "RNA", 4: "AGP", 5: "Mito"}`` (the
-mapping differs between screens: check the acquisition metadata).
+One TIFF per (well, field, plane, channel), in `<plate>/Images/` or the plate folder itself. Only one
+plane is read (option `plane`, default 1). Phenix channel numbers are mapped to stain names by a
+channel map, e.g. ``{1: "DNA", 2: "ER", 3: "RNA", 4: "AGP", 5: "Mito"}`` (keys `1`, `"1"` or `"ch1"`;
+the mapping differs between screens: check the acquisition metadata or CellProfiler's
+`Image_FileName_Orig*` columns).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bioembed_assets.schema import BioembedInputError, well_name
+from bioembed_assets.sources.layouts import (
+    ChannelMap,
+    FieldCollector,
+    FieldFiles,
+    as_int,
+    display_path,
+    require_folder,
+    scan_image_files,
+)
+
+__all__ = ["PHENIX_NAME", "FieldFiles", "list_phenix_fields"]
 
 PHENIX_NAME = re.compile(r"^r(\d+)c(\d+)f(\d+)p(\d+)-ch(\d+)(?:sk\d+fk\d+fl\d+)?\.tiff?$", re.IGNORECASE)
 """Groups: row, column, field, plane, channel."""
-
-
-@dataclass(frozen=True)
-class FieldFiles:
-    """The image files of one field of view (site), keyed by stain name."""
-
-    plate: str
-    well: str
-    site: int
-    paths: dict[str, Path]
 
 
 def _image_dir(plate_dir: Path) -> Path:
@@ -32,64 +35,37 @@ def _image_dir(plate_dir: Path) -> Path:
     return images if images.is_dir() else plate_dir
 
 
-def list_phenix_fields(plate_dir: Path, plate: str, channel_map: dict[int, str]) -> list[FieldFiles]:
-    """All plane-1 fields of a Phenix plate folder (`plate_dir/Images` or `plate_dir`), sorted by well then site.
+def list_phenix_fields(
+    plate_dir: Path, plate: str, channel_map: dict[int, str] | dict[str, str] | dict[Any, str], *, plane: int | str = 1
+) -> list[FieldFiles]:
+    """All fields (of one plane) of a Phenix plate folder (`plate_dir/Images` or `plate_dir`), sorted by
+    well then site.
 
     Raises BioembedInputError for a missing/empty folder, a channel number not in `channel_map`,
     duplicate files for one (well, site, channel), or a site lacking one of the mapped channels.
     """
-    plate_dir = Path(plate_dir)
-    if len(set(channel_map.values())) != len(channel_map):
-        raise BioembedInputError(f"channel map has repeated stain names: {channel_map}", plate=plate)
-    if not plate_dir.is_dir():
-        raise BioembedInputError("plate folder does not exist", plate=plate, path=plate_dir)
-    folder = _image_dir(plate_dir)
-    found: dict[tuple[int, int, int], dict[int, Path]] = {}
-    template: dict[tuple[int, int, int], Path] = {}  # one file of each site, to spell missing names
-    for path in sorted(folder.iterdir()):
+    cmap = ChannelMap(channel_map, plate, prefixes=("ch",))
+    plane = as_int(plane, "plane")
+    folder = _image_dir(require_folder(plate_dir, plate))
+    collector = FieldCollector(plate, cmap)
+    for path in scan_image_files(folder, plate):
         m = PHENIX_NAME.match(path.name)
-        if not m or not path.is_file():
+        if not m:
             continue
-        row, col, site, plane, channel = (int(g) for g in m.groups())
-        if plane != 1:
+        row, col, site, p, channel = (int(g) for g in m.groups())
+        if p != plane:
             continue
-        well = well_name(row, col)
-        if channel not in channel_map:
-            raise BioembedInputError(
-                f"channel {channel} is not in the channel map {channel_map}; add it (or map it) to read this plate",
-                plate=plate,
-                well=well,
-                path=path,
-            )
-        channels = found.setdefault((row, col, site), {})
-        if channel in channels:
-            raise BioembedInputError(
-                f"duplicate image for site {site} channel {channel}: {channels[channel].name} and {path.name}",
-                plate=plate,
-                well=well,
-                path=path,
-            )
-        channels[channel] = path
-        template.setdefault((row, col, site), path)
-    if not found:
+        collector.add(well_name(row, col), site, str(channel), path, display_path(path))
+    if not collector:
         raise BioembedInputError(
-            "no Phenix images (rRRcCCfFFpPP-chKsk1fk1fl1.tiff) found", plate=plate, path=folder
+            f"no Phenix images (rRRcCCfFFpPP-chKsk1fk1fl1.tiff, plane {plane}) found", plate=plate,
+            path=display_path(folder),
         )
-    fields = []
-    for (row, col, site), channels in sorted(found.items()):
-        well = well_name(row, col)
-        missing = sorted(set(channel_map) - set(channels))
-        if missing:
-            name = template[(row, col, site)].name
-            m = PHENIX_NAME.match(name)
-            assert m is not None
-            expected = [name[: m.start(5)] + str(ch) + name[m.end(5) :] for ch in missing]
-            raise BioembedInputError(
-                f"site {site} is missing channel(s) {missing}: expected file(s) {', '.join(expected)}",
-                plate=plate,
-                well=well,
-                path=folder / expected[0],
-            )
-        paths = {channel_map[ch]: channels[ch] for ch in sorted(channels)}
-        fields.append(FieldFiles(plate=plate, well=well, site=site, paths=paths))
-    return fields
+
+    def expected(well: str, site: int, key: str, stain: str, example: Path) -> str:
+        m = PHENIX_NAME.match(example.name)
+        assert m is not None
+        token = cmap.normalize(key)
+        return display_path(example.with_name(example.name[: m.start(5)] + token + example.name[m.end(5) :]))
+
+    return collector.file_fields(expected)

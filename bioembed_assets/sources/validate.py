@@ -4,41 +4,83 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tifffile
+import numpy as np
 
+from bioembed_assets.config import PlatemapConfig, RunConfig
 from bioembed_assets.schema import BioembedInputError, validate_plate_name
-from bioembed_assets.sources.phenix import list_phenix_fields
-from bioembed_assets.sources.platemap import read_platemap
+from bioembed_assets.sources.layouts import list_fields
+from bioembed_assets.sources.platemap import read_platemap, resolve_platemap_path
 from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
 
 PLATEMAP_FILE = "platemap.csv"
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 
-def check_plate_folder(folder: Path, channel_map: dict[int, str] = SYNTHETIC_CHANNEL_MAP) -> str | None:
+def default_config() -> RunConfig:
+    """The configuration of plates written by the synthetic generator (Phenix layout, five stains)."""
+    return RunConfig(
+        layout="phenix",
+        channels=[SYNTHETIC_CHANNEL_MAP[k] for k in sorted(SYNTHETIC_CHANNEL_MAP)],
+        channel_map={str(k): v for k, v in SYNTHETIC_CHANNEL_MAP.items()},
+        platemap=PlatemapConfig(path=PLATEMAP_FILE),
+    )
+
+
+def check_plate_folder(
+    folder: Path, config: RunConfig | None = None, *, plate: str | None = None, config_dir: Path | None = None
+) -> str | None:
     """None if `folder` is a complete, readable plate; otherwise the reason it is not.
 
-    Checks the name, that every site has every expected channel, that every TIFF header
-    reads with one shape, and that the platemap parses (with negative controls).
+    Uses the configured layout, layout options, channel map and platemap (`config`; default: the
+    synthetic Phenix plates). Checks the plate name (`plate`, default the folder name: no path
+    separators or `..`, so it cannot escape the home), that every site has every mapped channel and
+    the configured `channels`, that every image header reads with one shape and one uint8/uint16
+    dtype, and that the platemap parses (with negative controls). Relative platemap paths are looked
+    up in the plate folder, then in `config_dir`.
     """
-    plate = folder.name
+    config = config or default_config()
+    folder = Path(folder)
+    plate = folder.name if plate is None else plate
     try:
         validate_plate_name(plate)
-        fields = list_phenix_fields(folder, plate, channel_map)
-        shapes = set()
+        fields = list_fields(config.layout, folder, plate, config.channel_map, **config.layout_options)
+        mapped = {v for v in config.channel_map.values() if v}
+        unmapped = [c for c in config.channels if c not in mapped]
+        if unmapped:
+            raise BioembedInputError(
+                f"channels {unmapped} are not stains of the channel map {config.channel_map}", plate=plate
+            )
+        first: tuple[tuple[int, ...], np.dtype, str] | None = None
         for f in fields:
-            for path in f.paths.values():
+            for stain in config.channels:
+                where = f.location(stain)
                 try:
-                    with tifffile.TiffFile(path) as tif:
-                        shapes.add(tif.pages[0].shape)
-                except Exception as err:  # any unreadable TIFF header
-                    raise BioembedInputError(f"unreadable TIFF ({err})", plate=plate, well=f.well,
-                                             path=path) from err
-        if len(shapes) > 1:
-            raise BioembedInputError(f"images of different shapes {sorted(shapes)}", plate=plate)
-        platemap = folder / PLATEMAP_FILE
+                    shape, dtype = f.header(stain)
+                except Exception as err:  # noqa: BLE001 - any unreadable header
+                    raise BioembedInputError(
+                        f"unreadable image header ({type(err).__name__}: {err})", plate=plate, well=f.well, path=where
+                    ) from err
+                if dtype not in _DTYPES or len(shape) != 2:
+                    raise BioembedInputError(
+                        f"expected a 2-D uint8/uint16 image, got shape {shape} dtype {dtype}", plate=plate, well=f.well,
+                        path=where,
+                    )
+                if first is None:
+                    first = (shape, dtype, where)
+                elif dtype != first[1]:
+                    raise BioembedInputError(
+                        f"mixed bit depth: {dtype} here but {first[1]} in {first[2]}", plate=plate, well=f.well, path=where
+                    )
+                elif shape != first[0]:
+                    raise BioembedInputError(
+                        f"images of different shapes: {shape} here but {first[0]} in {first[2]}", plate=plate,
+                        well=f.well, path=where,
+                    )
+        pm = config.platemap
+        platemap = resolve_platemap_path(folder, pm.path, plate, config_dir)
         if not platemap.exists():
-            raise BioembedInputError(f"no {PLATEMAP_FILE} in the plate folder", plate=plate, path=platemap)
-        read_platemap(platemap, plate)
+            raise BioembedInputError(f"no platemap {pm.path} in the plate folder", plate=plate, path=platemap)
+        read_platemap(platemap, plate, pm.columns, pm.controls)
     except BioembedInputError as err:
         return str(err)
     return None
