@@ -37,7 +37,7 @@ def embedding_map_png(X: np.ndarray, colour_by: dict[str, np.ndarray], title: st
         raise ValueError(f"X must be a non-empty 2-D array, got shape {X.shape}")
     Y = pca_2d(X)
     panels = colour_by or {"": np.zeros(X.shape[0])}
-    fig = Figure(figsize=(5.5 * len(panels), 4.8))
+    fig = Figure(figsize=(6.5 * len(panels), 4.8), layout="constrained")
     for i, (name, values) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
         v = np.asarray(values)
