@@ -41,6 +41,18 @@ class Home(BaseModel):
     def crop_store(self, plate: str) -> Path:
         return self.root / "zarr" / "crops" / f"{validate_plate_name(plate)}.zarr"
 
+    def corrected_store(self, plate: str) -> Path:
+        """The illumination-corrected copy of a plate's image store."""
+        return self.root / "zarr" / "corrected" / f"{validate_plate_name(plate)}.zarr"
+
+    def illumination_file(self, plate: str) -> Path:
+        return self.root / "illumination" / f"{validate_plate_name(plate)}.npz"
+
+    @property
+    def run_config_path(self) -> Path:
+        """The RunConfig this home was set up with (`bioembed run`); absent = synthetic default."""
+        return self.root / "run_config.json"
+
     # -- lake, catalog, models ---------------------------------------------------------------
     @property
     def lake(self) -> Path:
@@ -127,6 +139,8 @@ class RunConfig(BaseModel):
     illumination_correction: bool = True
     crop_size: int = 64
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
+    config_dir: str | None = None
+    """Folder of the config file (set by `load`); relative platemap paths may resolve against it."""
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -137,4 +151,9 @@ class RunConfig(BaseModel):
         cfg = cls.model_validate(tomllib.loads(path.read_text()))
         base = path.resolve().parent
         cfg.raw_root = str((base / cfg.raw_root).resolve())
+        cfg.config_dir = str(base)
         return cfg
+
+    def plate_dir(self, plate: str) -> Path:
+        """The acquisition folder of `plate` under `raw_root` (plate name validated)."""
+        return Path(self.raw_root) / validate_plate_name(plate)

@@ -15,12 +15,15 @@ import numpy as np
 import polars as pl
 
 from bioembed_assets import schema as s
-from bioembed_assets.config import Home
+from bioembed_assets.config import Home, RunConfig
 from bioembed_assets.encoders.base import Encoder, build_encoder
 from bioembed_assets.evaluate.batch import batch_effect_scores
 from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
 from bioembed_assets.evaluate.retrieval import fraction_retrieved, moa_map, replicate_map
+from bioembed_assets.images.illumination import correct_plate_store, estimate_illumination, save_illumination
+from bioembed_assets.images.plots import plate_heatmap_png
+from bioembed_assets.images.qc import site_qc
 from bioembed_assets.images.store import ingest_plate
 from bioembed_assets.inference import ProgressCallback, embed_crop_store
 from bioembed_assets.profiles.aggregate import aggregate_to_wells
@@ -28,14 +31,14 @@ from bioembed_assets.profiles.normalize import PCACenterScale
 from bioembed_assets.registry import EncoderVersion
 from bioembed_assets.segment.crops import extract_crops
 from bioembed_assets.segment.plate import segment_plate
-from bioembed_assets.sources.phenix import list_phenix_fields
-from bioembed_assets.sources.platemap import read_platemap
+from bioembed_assets.sources.layouts import list_fields
+from bioembed_assets.sources.platemap import read_platemap, resolve_platemap_path, validate_platemap_join
 from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
+from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
 
 RAW_RECIPE = "raw"
 CARD_RECIPE = "card"  # the OpenPhenom model-card recipe (PCACenterScale)
-PLATEMAP_FILE = "platemap.csv"
 
 
 @dataclass(frozen=True)
@@ -59,46 +62,112 @@ DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
 )
 
 
+# -- run configuration ----------------------------------------------------------------------------
+def default_run_config(home: Home) -> RunConfig:
+    """The synthetic screen's configuration: Phenix layout under `<home>/raw`, five stains."""
+    return RunConfig(layout="phenix", raw_root=str(home.raw_root), channels=list(s.CELL_PAINTING_CHANNELS),
+                     channel_map={str(k): v for k, v in SYNTHETIC_CHANNEL_MAP.items()})
+
+
+def load_run_config(home: Home) -> RunConfig:
+    """The RunConfig saved in the home by `save_run_config`, else the synthetic default."""
+    if home.run_config_path.exists():
+        return RunConfig.model_validate_json(home.run_config_path.read_text())
+    return default_run_config(home)
+
+
+def save_run_config(home: Home, config: RunConfig) -> Path:
+    """Make `config` this home's run configuration (read by every stage and the sensor)."""
+    with atomic_file(home.run_config_path) as tmp:
+        tmp.write_text(config.model_dump_json(indent=2))
+    return home.run_config_path
+
+
+def analysis_store(home: Home, plate: str, config: RunConfig) -> Path:
+    """The image store segmentation and crops read: illumination-corrected when enabled."""
+    return home.corrected_store(plate) if config.illumination_correction else home.image_store(plate)
+
+
 # -- per-plate stages ---------------------------------------------------------------------------
-def ingest_raw_plate(home: Home, plate: str, channel_map: dict[int, str] = SYNTHETIC_CHANNEL_MAP) -> dict:
-    """Raw acquisition folder -> zarr plate store + `images` lake partition."""
-    channels = [channel_map[k] for k in sorted(channel_map)]
-    fields_ = list_phenix_fields(home.raw_plate_dir(plate), plate, channel_map)
-    table = ingest_plate(fields_, home.image_store(plate), channels)
+def ingest_raw_plate(home: Home, plate: str, config: RunConfig | None = None) -> dict:
+    """Raw acquisition folder (any layout) -> zarr plate store + `images` lake partition with
+    per-site QC (focus, saturation, intensity; `qc_pass`, `qc_flags`)."""
+    cfg = config or load_run_config(home)
+    fields_ = list_fields(cfg.layout, cfg.plate_dir(plate), plate, cfg.channel_map, **cfg.layout_options)
+    table = ingest_plate(fields_, home.image_store(plate), cfg.channels)
+    table = site_qc(home.image_store(plate), table)
     Lake(home.lake).write("images", table, plate=plate)
-    return {"fields": table.height, "wells": table["well"].n_unique(), "channels": channels}
+    return {"fields": table.height, "wells": table[s.WELL].n_unique(), "channels": cfg.channels,
+            "qc_failed_sites": int((~table["qc_pass"]).sum())}
 
 
-def load_platemap(home: Home, plate: str) -> dict:
-    """The plate's platemap CSV -> validated `platemap` lake partition."""
-    platemap = read_platemap(home.raw_plate_dir(plate) / PLATEMAP_FILE, plate)
-    Lake(home.lake).write("platemap", platemap, plate=plate)
+def load_platemap(home: Home, plate: str, config: RunConfig | None = None) -> dict:
+    """The plate's platemap (columns/controls mapped as configured) -> `platemap` lake partition;
+    wells with images but no platemap entry are an error, platemap wells without images a warning."""
+    cfg = config or load_run_config(home)
+    path = resolve_platemap_path(cfg.plate_dir(plate), cfg.platemap.path, plate,
+                                 base=Path(cfg.config_dir) if cfg.config_dir else None)
+    platemap = read_platemap(path, plate, cfg.platemap.columns or None, cfg.platemap.controls or None)
+    lake = Lake(home.lake)
+    images = lake.read("images", plate=plate)
+    join = validate_platemap_join(platemap, images, plate) if images.height else None
+    lake.write("platemap", platemap, plate=plate)
     counts = platemap.group_by(s.CONTROL_TYPE).len().sort(s.CONTROL_TYPE)
-    return {"wells": platemap.height, **{f"{r[0]}_wells": r[1] for r in counts.iter_rows()}}
+    summary = {"wells": platemap.height, **{f"{r[0]}_wells": r[1] for r in counts.iter_rows()}}
+    if join is not None and join.warning:
+        summary["warning"] = join.warning
+    return summary
 
 
-def segment_raw_plate(home: Home, plate: str, progress: bool = False) -> dict:
-    """Nuclei segmentation of every field -> mask store + `nuclei` lake partition."""
+def correct_illumination(home: Home, plate: str, config: RunConfig | None = None) -> dict:
+    """Per-channel illumination function from all sites of the plate (stored), and the corrected
+    image store that segmentation and crops read. A no-op when switched off in the config."""
+    cfg = config or load_run_config(home)
+    if not cfg.illumination_correction:
+        return {"enabled": False}
+    illum = estimate_illumination(home.image_store(plate))
+    save_illumination(illum, home.illumination_file(plate), cfg.channels)
+    correct_plate_store(home.image_store(plate), illum, home.corrected_store(plate))
+    return {"enabled": True, **{f"{c}_min_max": f"{illum[i].min():.2f}..{illum[i].max():.2f}"
+                                for i, c in enumerate(cfg.channels)}}
+
+
+def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None, progress: bool = False) -> dict:
+    """Nuclei (and, if configured, whole cells) of every field -> mask store + `nuclei` partition."""
+    cfg = config or load_run_config(home)
     lake = Lake(home.lake)
     images = lake.read("images", plate=plate)
     _require(images, "images", plate, "raw_plate")
-    nuclei = segment_plate(home.image_store(plate), images, home.mask_store(plate), progress=progress)
+    nuclei = segment_plate(analysis_store(home, plate, cfg), images.select(s.PLATE, s.WELL, s.SITE, s.FIELD),
+                           home.mask_store(plate), nuclear_channel=cfg.nuclear_channel, progress=progress,
+                           cell_channel=cfg.cell_channel)
     lake.write("nuclei", nuclei, plate=plate)
     return {"nuclei": nuclei.height, "fields": images.height,
             "nuclei_per_field": round(nuclei.height / max(images.height, 1), 1)}
 
 
-def crop_cells(home: Home, plate: str, crop_size: int = 64) -> dict:
+def crop_cells(home: Home, plate: str, config: RunConfig | None = None) -> dict:
     """Single-cell crops around each nucleus -> crop store + `cells` lake partition."""
+    cfg = config or load_run_config(home)
     lake = Lake(home.lake)
     nuclei = lake.read("nuclei", plate=plate)
     _require(nuclei, "nuclei", plate, "segmentation")
-    cells, summary = extract_crops(home.image_store(plate), home.mask_store(plate), nuclei,
-                                   home.crop_store(plate), crop_size=crop_size)
+    cells, summary = extract_crops(analysis_store(home, plate, cfg), home.mask_store(plate), nuclei,
+                                   home.crop_store(plate), crop_size=cfg.crop_size)
     lake.write("cells", cells, plate=plate)
     per_well = cells.group_by(s.WELL).len()["len"]
     return {**summary, "min_cells_per_well": int(per_well.min() or 0) if len(per_well) else 0,
             "wells_with_cells": len(per_well)}
+
+
+def plate_heatmaps(home: Home, plate: str) -> dict[str, bytes]:
+    """Plate-layout heatmaps (PNG): cells per well and QC-failed sites per well."""
+    lake = Lake(home.lake)
+    cells = lake.read("cells", plate=plate).group_by(s.WELL).len("cells")
+    failed = (lake.read("images", plate=plate).group_by(s.WELL)
+              .agg((~pl.col("qc_pass")).sum().cast(pl.Int64).alias("failed_sites")))
+    return {"cells_per_well": plate_heatmap_png(cells, "cells", f"{plate}: cells per well"),
+            "qc_failed_sites": plate_heatmap_png(failed, "failed_sites", f"{plate}: QC-failed sites per well")}
 
 
 def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersion,
@@ -124,6 +193,12 @@ def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
     _require(emb, "embeddings", plate, "embeddings")
     platemap = lake.read("platemap", plate=plate)
     _require(platemap, "platemap", plate, "platemap")
+    passed = lake.read("images", plate=plate).filter(pl.col("qc_pass")).select(s.WELL, s.SITE)
+    kept = emb.join(passed, on=[s.WELL, s.SITE], how="semi")
+    excluded = emb.height - kept.height
+    if kept.height == 0:
+        raise s.BioembedInputError("every site failed image QC; nothing to profile", plate=plate)
+    emb = kept
     meta = emb.drop(s.FEATURES).join(platemap.drop(s.PLATE), on=s.WELL, how="left")
     unmapped = meta.filter(pl.col(s.PERTURBATION).is_null())[s.WELL].unique().to_list()
     if unmapped:
@@ -135,7 +210,7 @@ def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
     lake.write("well_profiles", with_features(wells_meta, W), encoder=version.name,
                version=version.version, plate=plate)
     missing = sorted(set(platemap[s.WELL]) - set(wells_meta[s.WELL]))
-    return {"wells": wells_meta.height, "wells_without_cells": len(missing)}
+    return {"wells": wells_meta.height, "wells_without_cells": len(missing), "cells_excluded_by_qc": excluded}
 
 
 # -- across plates ------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ def _png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
 
 @dg.asset(partitions_def=plates, group_name=INGEST, kinds={"zarr", "parquet"})
 def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Plate images ingested from their acquisition layout (Opera Phenix naming) into a zarr
-    plate store, plus the image table with per-site QC."""
-    summary = pipeline.ingest_raw_plate(bioembed.home(), context.partition_key)
+    """Plate images ingested from their acquisition layout into a zarr plate store, plus the image
+    table with per-site QC (focus, saturation, intensity; failing sites are excluded downstream)."""
+    summary = pipeline.ingest_raw_plate(bioembed.home(), context.partition_key, bioembed.run_config())
     return dg.MaterializeResult(metadata=summary)
 
 
@@ -41,17 +41,27 @@ def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.M
           check_specs=[dg.AssetCheckSpec("negative_controls_present", asset="platemap")])
 def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Wells -> perturbation, control type and MoA, validated (every plate needs negative controls)."""
-    summary = pipeline.load_platemap(bioembed.home(), context.partition_key)
+    summary = pipeline.load_platemap(bioembed.home(), context.partition_key, bioembed.run_config())
+    if "warning" in summary:
+        context.log.warning(summary["warning"])
     n_neg = summary.get("negative_wells", 0)
     return dg.MaterializeResult(
         metadata=summary,
         check_results=[_check("negative_controls_present", "platemap", n_neg > 0, negative_wells=n_neg)])
 
 
-@dg.asset(partitions_def=plates, group_name=INGEST, deps=[raw_plate], kinds={"zarr", "parquet"})
+@dg.asset(partitions_def=plates, group_name=INGEST, deps=[raw_plate], kinds={"numpy", "zarr"})
+def illumination(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+    """Per-channel illumination function estimated from all sites of the plate (CellProfiler-style,
+    stored) and the corrected image store read by segmentation and crops; switchable in the config."""
+    summary = pipeline.correct_illumination(bioembed.home(), context.partition_key, bioembed.run_config())
+    return dg.MaterializeResult(metadata=summary)
+
+
+@dg.asset(partitions_def=plates, group_name=INGEST, deps=[illumination], kinds={"zarr", "parquet"})
 def segmentation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Nuclei masks (threshold + watershed on DNA) and the nucleus table."""
-    summary = pipeline.segment_raw_plate(bioembed.home(), context.partition_key)
+    """Nuclei masks (threshold + watershed on DNA; whole cells when configured) and the nucleus table."""
+    summary = pipeline.segment_raw_plate(bioembed.home(), context.partition_key, bioembed.run_config())
     context.log.info(f"plate {context.partition_key}: {summary['nuclei']} nuclei")
     return dg.MaterializeResult(metadata=summary)
 
@@ -59,11 +69,14 @@ def segmentation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> d
 @dg.asset(partitions_def=plates, group_name=INGEST, deps=[segmentation], kinds={"zarr", "parquet"},
           check_specs=[dg.AssetCheckSpec("cells_per_well", asset="crops")])
 def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Single-cell crops centred on each nucleus (border cells dropped and counted) and the cell table."""
-    summary = pipeline.crop_cells(bioembed.home(), context.partition_key, crop_size=bioembed.crop_size)
+    """Single-cell crops centred on each nucleus (border cells dropped and counted) and the cell
+    table; plate heatmaps of cells per well and QC-failed sites."""
+    home, plate = bioembed.home(), context.partition_key
+    summary = pipeline.crop_cells(home, plate, bioembed.run_config())
+    heatmaps = {name: _png_markdown(png, name) for name, png in pipeline.plate_heatmaps(home, plate).items()}
     ok = summary["min_cells_per_well"] >= 1
     return dg.MaterializeResult(
-        metadata=summary,
+        metadata={**summary, **heatmaps},
         check_results=[_check("cells_per_well", "crops", ok, min_cells_per_well=summary["min_cells_per_well"])])
 
 
@@ -154,6 +167,6 @@ def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.
     return dg.MaterializeResult(metadata=meta)
 
 
-PER_PLATE_ASSETS = [raw_plate, platemap, segmentation, crops, embeddings, well_profiles]
-ALL_ASSETS = [raw_plate, platemap, segmentation, crops, encoder, embeddings, well_profiles,
+PER_PLATE_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, embeddings, well_profiles]
+ALL_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, encoder, embeddings, well_profiles,
               normalizer, normalized_profiles, evaluation]

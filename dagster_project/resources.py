@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from bioembed_assets.config import HOME_ENV_VAR, Home
-from bioembed_assets.pipeline import EncoderSetup, encoder_setups
+from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
+from bioembed_assets.pipeline import EncoderSetup, encoder_setups, load_run_config
 from bioembed_assets.registry import EncoderRegistry
 
 
@@ -28,6 +28,9 @@ class BioembedHome(dg.ConfigurableResource):
     def registry(self) -> EncoderRegistry:
         home = self.home()
         return EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+
+    def run_config(self) -> RunConfig:
+        return load_run_config(self.home())
 
     def encoder_setups(self) -> list[EncoderSetup]:
         return encoder_setups(self.encoders)

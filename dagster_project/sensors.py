@@ -1,6 +1,8 @@
 """A sensor that registers new plate folders under the raw-data root as partitions."""
 
 
+from pathlib import Path
+
 import dagster as dg
 
 from bioembed_assets.sources.validate import check_plate_folder
@@ -12,13 +14,17 @@ from dagster_project.resources import BioembedHome
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            asset_selection=dg.AssetSelection.assets(*PER_PLATE_ASSETS))
 def new_plate_sensor(context: dg.SensorEvaluationContext, bioembed: BioembedHome) -> dg.SensorResult:
-    """Registers each valid new plate folder under `<home>/raw` and runs its per-plate assets;
+    """Registers each valid new plate folder under the raw-data root and runs its per-plate assets;
     invalid folders are reported (with the reason) and not registered."""
-    home = bioembed.home()
+    config = bioembed.run_config()
+    raw_root = Path(config.raw_root)
     known = set(context.instance.get_dynamic_partitions(plates.name))
     new, runs = [], []
-    for folder in sorted(p for p in home.raw_root.iterdir() if p.is_dir() and p.name not in known):
-        problem = check_plate_folder(folder)
+    folders = sorted(p for p in raw_root.iterdir() if p.is_dir() and p.name not in known) if raw_root.is_dir() else []
+    for folder in folders:
+        if config.plates is not None and folder.name not in config.plates:
+            continue
+        problem = check_plate_folder(folder, config, config_dir=Path(config.config_dir) if config.config_dir else None)
         if problem:
             context.log.warning(f"not registering plate folder {folder}: {problem}")
             continue

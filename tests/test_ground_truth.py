@@ -24,6 +24,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[pipeline.Evalua
     for plate in plates:
         pipeline.ingest_raw_plate(home, plate)
         pipeline.load_platemap(home, plate)
+        pipeline.correct_illumination(home, plate)
         pipeline.segment_raw_plate(home, plate)
         pipeline.crop_cells(home, plate)
         pipeline.embed_plate(home, plate, encoder, version)

@@ -23,7 +23,8 @@ def test_definitions_load_with_full_lineage() -> None:
     graph = defs.resolve_asset_graph()
     upstream = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
                 for k in graph.get_all_asset_keys()}
-    assert upstream["segmentation"] == {"raw_plate"}
+    assert upstream["illumination"] == {"raw_plate"}
+    assert upstream["segmentation"] == {"illumination"}
     assert upstream["crops"] == {"segmentation"}
     assert upstream["embeddings"] == {"crops", "encoder"}
     assert upstream["well_profiles"] == {"embeddings", "platemap"}
