@@ -21,6 +21,7 @@ from bioembed_assets.evaluate.batch import batch_effect_scores
 from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
 from bioembed_assets.evaluate.retrieval import fraction_retrieved, moa_map, replicate_map
+from bioembed_assets.evaluate.separation import control_z_prime
 from bioembed_assets.images.illumination import correct_plate_store, estimate_illumination, save_illumination
 from bioembed_assets.images.plots import plate_heatmap_png
 from bioembed_assets.images.qc import site_qc
@@ -49,14 +50,19 @@ class EncoderSetup:
     family: str
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    takes_channels: bool = False
+    """Whether the family is built for a fixed stain list (the run's channels) or is channel-agnostic."""
 
-    def build(self) -> Encoder:
-        return build_encoder(self.family, **self.config)
+    def build(self, channels: Sequence[str] | None = None) -> Encoder:
+        config = dict(self.config)
+        if self.takes_channels and channels is not None:
+            config["channels"] = list(channels)
+        return build_encoder(self.family, **config)
 
 
 DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
     EncoderSetup("classical", "classical", {},
-                 "CellProfiler-like intensity, shape, texture and correlation features"),
+                 "CellProfiler-like intensity, shape, texture and correlation features", takes_channels=True),
     EncoderSetup("ca_mae", "ca_mae", {"preset": "demo", "seed": 0},
                  "Channel-agnostic MAE ViT (OpenPhenom architecture), small CPU configuration"),
 )
@@ -281,6 +287,8 @@ def evaluate_version(home: Home, version: EncoderVersion, null_size: int = 10000
         moa = moa_map(meta, X, null_size=null_size, seed=seed)
         # Plate effect on treated wells: out-of-sample for a normalizer fitted on controls.
         batch = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=~_is_negative(meta))
+        positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
+        batch["control_z_prime"] = control_z_prime(X, positive, _is_negative(meta), seed=seed)
         scalars = {"replicate_map": rep["mean_average_precision"].mean(),
                    "fraction_retrieved": fraction_retrieved(rep),
                    "moa_map": moa["mean_average_precision"].mean(),

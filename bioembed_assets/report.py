@@ -11,7 +11,7 @@ from bioembed_assets.store.catalog import connect, example_queries
 _METRICS_SQL = """
 SELECT encoder, encoder_version, recipe, metric, value FROM metrics
 WHERE metric IN ('replicate_map', 'fraction_retrieved', 'moa_map', 'moa_fraction_retrieved',
-                 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance')
+                 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance', 'control_z_prime')
 """
 
 _GROUND_TRUTH_SQL = """
@@ -53,7 +53,7 @@ def format_metrics(df: pl.DataFrame) -> str:
     """A compact text table of `metrics_table` for terminals."""
     cols = {"replicate_map": "rep mAP", "fraction_retrieved": "retrieved", "moa_map": "MoA mAP",
             "moa_fraction_retrieved": "MoA retr.", "batch_knn_accuracy": "plate kNN acc",
-            "batch_silhouette": "plate silh."}
+            "batch_silhouette": "plate silh.", "control_z_prime": "Z'"}
     header = f"{'encoder':<12}{'ver':>4}  {'recipe':<7}" + "".join(f"{v:>14}" for v in cols.values())
     lines = [header, "-" * len(header)]
     for r in df.iter_rows(named=True):

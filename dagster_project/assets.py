@@ -84,10 +84,10 @@ def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Mater
 def encoder(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """The registered encoders (MLflow model registry, alias `champion`); registers an untrained
     version 1 of each configured encoder if it has none."""
-    registry = bioembed.registry()
+    registry, channels = bioembed.registry(), bioembed.run_config().channels
     meta = {}
     for setup in bioembed.encoder_setups():
-        version = registry.ensure(setup.name, setup.build, description=setup.description)
+        version = registry.ensure(setup.name, lambda s=setup: s.build(channels), description=setup.description)
         meta[setup.name] = version.describe()
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(str(sorted(meta.items()))))
 

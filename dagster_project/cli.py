@@ -10,30 +10,25 @@ import warnings
 from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from dataclasses import replace
-
+def _report(outcome, ground_truth: Path | None = None) -> int:
+    """Print the per-encoder metrics, catalog location, UI commands and an example query."""
     from bioembed_assets.pipeline import DEFAULT_ENCODERS
     from bioembed_assets.registry import EncoderRegistry
     from bioembed_assets.report import format_metrics, ground_truth_table, metrics_table, run_example
-    from dagster_project.demo import DEMO_SCREEN, run_demo
 
-    screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
-    outcome = run_demo(args.home, screen, null_size=args.null_size)
     home = outcome.home
     print("\nPer encoder (raw = well medians, card = PCA on controls + per-plate scaling):")
     print(format_metrics(metrics_table(home.catalog_path)))
     print("  rep mAP / retrieved: replicate mAP vs negative controls / fraction with BH-FDR < 0.05")
     print("  plate kNN acc: leave-one-out plate prediction of treated wells (lower = less plate effect;"
           " chance = 1/plates)")
-    truth = home.raw_root / "ground_truth.csv"
-    if truth.exists():
+    print("  Z': positive vs negative control wells on a cross-fitted 1-D projection (> 0.5 excellent)")
+    if ground_truth is not None and ground_truth.exists():
         print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")
-        print(ground_truth_table(home.catalog_path, truth))
+        print(ground_truth_table(home.catalog_path, ground_truth))
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
-    print("\nEncoders (MLflow champion): " + "; ".join(
-        registry.get(setup.name).describe() for setup in DEFAULT_ENCODERS))
+    versions = [registry.get(setup.name) for setup in DEFAULT_ENCODERS]
+    print("\nEncoders (MLflow champion): " + "; ".join(v.describe() for v in versions if v is not None))
     if outcome.failures:
         print(f"\nFailed plates: {outcome.failures}")
     sql, result = run_example(home.catalog_path, "top_similar_wells")
@@ -43,8 +38,27 @@ def _demo(args: argparse.Namespace) -> int:
           "uv run dagster dev -m dagster_project.definitions")
     print(f"MLflow UI:   uv run mlflow ui --backend-store-uri {home.mlflow_tracking_uri} "
           f"--default-artifact-root {home.mlflow_artifacts}")
-    print(f"\nDemo finished in {outcome.seconds:.0f} s.")
+    print(f"\nFinished in {outcome.seconds:.0f} s.")
     return 1 if outcome.failures else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from dataclasses import replace
+
+    from dagster_project.demo import DEMO_SCREEN, run_demo
+
+    screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
+    outcome = run_demo(args.home, screen, null_size=args.null_size)
+    return _report(outcome, outcome.home.raw_root / "ground_truth.csv")
+
+
+def _run(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from bioembed_assets.config import RunConfig
+    from dagster_project.demo import run_with_config
+
+    return _report(run_with_config(args.home, RunConfig.load(args.config), null_size=args.null_size))
 
 
 def _sql(args: argparse.Namespace) -> int:
@@ -76,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     demo.set_defaults(func=_demo)
+    run = sub.add_parser("run", help="run the whole graph on real plates described by a TOML config")
+    run.add_argument("--home", required=True, help="bioembed home folder (created if needed)")
+    run.add_argument("--config", required=True, help="run configuration (TOML; see README)")
+    run.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
+    run.set_defaults(func=_run)
     sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only)")
     sql.add_argument("query")
     sql.add_argument("--home", default="bioembed-home")

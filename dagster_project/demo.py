@@ -9,7 +9,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from bioembed_assets.config import HOME_ENV_VAR, Home
+from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
+from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from dagster_project.assets import (
     ALL_ASSETS,
@@ -106,5 +107,21 @@ def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = DEMO_SCREEN,
     plate_names = generate_screen(home.raw_root, screen)
     log(f"  synthetic screen: {len(plate_names)} plates under {home.raw_root}")
     outcome = materialize_home(home, plate_names, BioembedHome(root=str(home.root), null_size=null_size), log)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def run_with_config(home_dir: str | Path, config: RunConfig, null_size: int = 10000, log=print) -> DemoOutcome:
+    """Save `config` as the home's run configuration and materialize its plates end to end."""
+    t0 = time.perf_counter()
+    home = use_home(home_dir)
+    save_run_config(home, config)
+    raw_root = Path(config.raw_root)
+    if not raw_root.is_dir():
+        raise FileNotFoundError(f"raw_root {raw_root} (from the config) is not a folder")
+    plate_names = config.plates or sorted(p.name for p in raw_root.iterdir() if p.is_dir())
+    log(f"bioembed run: home {home.root}, {len(plate_names)} plate(s) from {raw_root} ({config.layout} layout)")
+    resource = BioembedHome(root=str(home.root), encoders=config.encoders, null_size=null_size)
+    outcome = materialize_home(home, plate_names, resource, log)
     outcome.seconds = time.perf_counter() - t0
     return outcome

@@ -31,7 +31,7 @@ def test_demo_reports_and_is_safe_to_rerun(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
     out = _demo(home)
     for expected in ("Per encoder", "ca_mae", "classical", "rep mAP", "plate kNN acc", "Ground truth",
-                     "DuckDB catalog:", "Example query", "dagster dev", "mlflow ui", "Demo finished in", "untrained"):
+                     "DuckDB catalog:", "Example query", "dagster dev", "mlflow ui", "Finished in", "untrained"):
         assert expected in out, expected
     first = _counts(home)
     assert all(n > 0 for n in first.values()), first

@@ -25,7 +25,8 @@ from bioembed_assets.sources.platemap import platemap_from_frame, read_platemap,
 from bioembed_assets.sources.public import bbbc013_platemap, jump_platemap
 from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
 from bioembed_assets.sources.validate import check_plate_folder
-from conftest import SHARED_DATA
+
+from .conftest import SHARED_DATA
 
 PEDIATRIC = SHARED_DATA / "cellpainting-fields-cytodataframe/tests/data/cytotable/pediatric_cancer_atlas_profiling/images/orig"
 JUMP_FIELD = SHARED_DATA / "cellpainting-fields-cytodataframe/tests/data/cytotable/JUMP_plate_BR00117006/images/orig"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_SCREEN
+from .conftest import TINY_SCREEN
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(1800)]
 
