@@ -122,6 +122,7 @@ def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> 
     for setup in bioembed.encoder_setups():
         summary = pipeline.profile_plate(home, context.partition_key, registry.get(setup.name))
         meta[setup.name] = f"{summary['wells']} wells"
+        meta["cells_excluded_by_qc"] = summary["cells_excluded_by_qc"]
     return dg.MaterializeResult(metadata=meta)
 
 
