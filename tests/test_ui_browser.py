@@ -31,7 +31,7 @@ from .conftest import TINY_SCREEN
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(1800)]
 
-ASSETS = ["raw_plate", "platemap", "segmentation", "crops", "encoder", "embeddings", "well_profiles",
+ASSETS = ["raw_plate", "platemap", "illumination", "segmentation", "crops", "encoder", "embeddings", "well_profiles",
           "normalizer", "normalized_profiles", "evaluation"]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
