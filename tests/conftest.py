@@ -7,17 +7,40 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
+import tifffile
 
+from bioembed_assets.images.store import ingest_plate
+from bioembed_assets.schema import well_name
+from bioembed_assets.sources.layouts import FieldFiles
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BBBC013_DIR = SHARED_DATA / "cellprofiler-examplesbs-bbbc013" / "tests" / "core" / "data" / "ExampleSBSImages"
 
 TINY_SCREEN = SyntheticScreenConfig(
     n_plates=2, n_rows=4, n_cols=6, sites_per_well=1, image_size=256, n_moas=2,
     compounds_per_moa=2, n_inactive=2, replicates_per_plate=2, n_dmso_wells=6, seed=7,
 )
 BAD_PLATES = ("BAD-MISSING", "BAD-CORRUPT", "BAD-NOCONTROLS")
+
+
+def make_plate_store(root: Path, fields: np.ndarray, channels: list[str], plate: str = "P1") -> tuple[Path, pl.DataFrame]:
+    """A plate store (through TIFFs and `ingest_plate`) from an array (n_fields, C, H, W), one site
+    per well, and its image table."""
+    files = []
+    for i, stack in enumerate(fields):
+        well = well_name(i // 12 + 1, i % 12 + 1)
+        paths = {}
+        for stain, plane in zip(channels, stack):
+            paths[stain] = root / "tiff" / f"{well}-{stain}.tif"
+            paths[stain].parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(paths[stain], plane)
+        files.append(FieldFiles(plate=plate, well=well, site=1, paths=paths))
+    store = root / f"{plate}.zarr"
+    return store, ingest_plate(files, store, channels)
 
 
 @dataclass

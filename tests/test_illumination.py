@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
 from scipy import ndimage
 
@@ -20,29 +19,19 @@ from bioembed_assets.images.illumination import (
     save_illumination,
 )
 from bioembed_assets.images.store import ingest_plate, open_plate_images
-from bioembed_assets.schema import BioembedInputError, well_name
+from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.sources.phenix import FieldFiles
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BBBC013 = SHARED_DATA / "cellprofiler-examplesbs-bbbc013" / "tests" / "core" / "data" / "ExampleSBSImages"
+from .conftest import BBBC013_DIR as BBBC013
+from .conftest import make_plate_store
+
 CHANNELS = ["DNA", "AGP"]
 SIZE = 192
 
 
 def make_store(root: Path, fields: np.ndarray, channels: list[str] = CHANNELS, plate: str = "P1") -> Path:
-    """A plate store from an array (n_fields, C, H, W), one site per well, through `ingest_plate`."""
-    files = []
-    for i, stack in enumerate(fields):
-        well = well_name(i // 12 + 1, i % 12 + 1)
-        paths = {}
-        for stain, plane in zip(channels, stack):
-            paths[stain] = root / "tiff" / f"{well}-{stain}.tif"
-            paths[stain].parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(paths[stain], plane)
-        files.append(FieldFiles(plate=plate, well=well, site=1, paths=paths))
-    store = root / f"{plate}.zarr"
-    ingest_plate(files, store, channels)
-    return store
+    """A plate store from an array (n_fields, C, H, W), one site per well."""
+    return make_plate_store(root, fields, channels, plate)[0]
 
 
 def gradient(size: int = SIZE) -> np.ndarray:

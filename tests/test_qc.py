@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import tifffile
 from scipy import ndimage
 
 from bioembed_assets.images.plots import plate_heatmap_png
@@ -18,25 +17,16 @@ from bioembed_assets.images.store import ingest_plate, open_plate_images
 from bioembed_assets.schema import well_name
 from bioembed_assets.sources.phenix import FieldFiles
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BBBC013 = SHARED_DATA / "cellprofiler-examplesbs-bbbc013" / "tests" / "core" / "data" / "ExampleSBSImages"
+from .conftest import BBBC013_DIR as BBBC013
+from .conftest import make_plate_store
+
 CHANNELS = ["DNA", "AGP"]
 SIZE, N_SITES, BLURRED, SATURATED = 192, 24, 5, 11
 
 
 def make_store(root: Path, fields: np.ndarray, channels: list[str] = CHANNELS, plate: str = "P1") -> tuple[Path, pl.DataFrame]:
     """A plate store from an array (n_fields, C, H, W), one site per well, and its image table."""
-    files = []
-    for i, stack in enumerate(fields):
-        well = well_name(i // 12 + 1, i % 12 + 1)
-        paths = {}
-        for stain, plane in zip(channels, stack):
-            paths[stain] = root / "tiff" / f"{well}-{stain}.tif"
-            paths[stain].parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(paths[stain], plane)
-        files.append(FieldFiles(plate=plate, well=well, site=1, paths=paths))
-    store = root / f"{plate}.zarr"
-    return store, ingest_plate(files, store, channels)
+    return make_plate_store(root, fields, channels, plate)
 
 
 def scene(rng: np.random.Generator, blur: float = 0.0) -> np.ndarray:
