@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -137,7 +138,17 @@ class RunConfig(BaseModel):
     cell_channel: str | None = None
     """Channel for whole-cell segmentation (watershed from nuclei); None = nuclei only."""
     illumination_correction: bool = True
+    segmentation_backend: Literal["classic", "cellpose"] = "classic"
+    cellpose_model: str | None = None
+    """Local Cellpose weights file (never downloaded) for `segmentation_backend = "cellpose"`."""
+    crop_mode: Literal["cells", "tiles"] = "cells"
+    """Single-cell crops around nuclei, or whole-field tiles of `tile_size` (as OpenPhenom was trained)."""
     crop_size: int = 64
+    crop_border: Literal["drop", "pad"] = "drop"
+    """Cells whose crop leaves the image: dropped, or zero-padded (counted either way)."""
+    mask_neighbors: bool = False
+    """Zero the pixels of other cells inside each crop (as SubCell expects)."""
+    tile_size: int = 256
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
     config_dir: str | None = None
     """Folder of the config file (set by `load`); relative platemap paths may resolve against it."""

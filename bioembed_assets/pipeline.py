@@ -30,7 +30,7 @@ from bioembed_assets.inference import ProgressCallback, embed_crop_store
 from bioembed_assets.profiles.aggregate import aggregate_to_wells
 from bioembed_assets.profiles.normalize import PCACenterScale
 from bioembed_assets.registry import EncoderVersion
-from bioembed_assets.segment.crops import extract_crops
+from bioembed_assets.segment.crops import extract_crops, extract_tiles
 from bioembed_assets.segment.plate import segment_plate
 from bioembed_assets.sources.layouts import list_fields
 from bioembed_assets.sources.platemap import read_platemap, resolve_platemap_path, validate_platemap_join
@@ -146,24 +146,44 @@ def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None, p
     _require(images, "images", plate, "raw_plate")
     nuclei = segment_plate(analysis_store(home, plate, cfg), images.select(s.PLATE, s.WELL, s.SITE, s.FIELD),
                            home.mask_store(plate), nuclear_channel=cfg.nuclear_channel, progress=progress,
-                           cell_channel=cfg.cell_channel)
+                           cell_channel=cfg.cell_channel, backend=cfg.segmentation_backend,
+                           model_path=Path(cfg.cellpose_model) if cfg.cellpose_model else None)
     lake.write("nuclei", nuclei, plate=plate)
     return {"nuclei": nuclei.height, "fields": images.height,
             "nuclei_per_field": round(nuclei.height / max(images.height, 1), 1)}
 
 
 def crop_cells(home: Home, plate: str, config: RunConfig | None = None) -> dict:
-    """Single-cell crops around each nucleus -> crop store + `cells` lake partition."""
+    """Single-cell crops around each nucleus (or whole-field tiles) -> crop store + `cells` lake
+    partition, each cell carrying its site's QC verdict (`qc_pass`, `qc_flags`)."""
     cfg = config or load_run_config(home)
     lake = Lake(home.lake)
-    nuclei = lake.read("nuclei", plate=plate)
-    _require(nuclei, "nuclei", plate, "segmentation")
-    cells, summary = extract_crops(analysis_store(home, plate, cfg), home.mask_store(plate), nuclei,
-                                   home.crop_store(plate), crop_size=cfg.crop_size)
+    images = lake.read("images", plate=plate)
+    if cfg.crop_mode == "tiles":
+        cells, summary = _tiles_as_cells(home, plate, cfg, images)
+    else:
+        nuclei = lake.read("nuclei", plate=plate)
+        _require(nuclei, "nuclei", plate, "segmentation")
+        cells, summary = extract_crops(analysis_store(home, plate, cfg), home.mask_store(plate), nuclei,
+                                       home.crop_store(plate), crop_size=cfg.crop_size, border=cfg.crop_border,
+                                       mask_neighbors=cfg.mask_neighbors)
+    cells = cells.join(images.select(s.WELL, s.SITE, "qc_pass", "qc_flags"), on=[s.WELL, s.SITE], how="left")
     lake.write("cells", cells, plate=plate)
     per_well = cells.group_by(s.WELL).len()["len"]
     return {**summary, "min_cells_per_well": int(per_well.min() or 0) if len(per_well) else 0,
-            "wells_with_cells": len(per_well)}
+            "wells_with_cells": len(per_well), "cells_on_qc_failed_sites": int((~cells["qc_pass"]).sum())}
+
+
+def _tiles_as_cells(home: Home, plate: str, cfg: RunConfig, images: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """Whole-field tiles in the shape of the cell table (one 'cell' per tile, id `<well>-s<site>-t<k>`)."""
+    tiles, summary = extract_tiles(analysis_store(home, plate, cfg), home.crop_store(plate), cfg.tile_size,
+                                   image_table=images.select(s.PLATE, s.WELL, s.SITE, s.FIELD))
+    half = cfg.tile_size / 2
+    cells = tiles.with_columns(
+        pl.format("{}-s{}-t{}", s.WELL, s.SITE, "tile_id").alias(s.CELL_ID),
+        pl.lit(0).alias("label"), (pl.col("y0") + half).alias("centroid_y"),
+        (pl.col("x0") + half).alias("centroid_x"), pl.lit(cfg.tile_size**2).alias("area"))
+    return cells, summary
 
 
 def plate_heatmaps(home: Home, plate: str) -> dict[str, bytes]:

@@ -1,0 +1,95 @@
+"""Run-configuration switches through the pipeline stages: illumination on/off, QC flags on the
+cell table, border padding, tile mode, the Cellpose backend's clear error, TOML loading."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bioembed_assets import pipeline
+from bioembed_assets.config import Home, RunConfig
+from bioembed_assets.encoders import build_encoder
+from bioembed_assets.registry import EncoderVersion
+from bioembed_assets.sources.synthetic import generate_screen
+from bioembed_assets.store.lake import Lake
+
+from .conftest import TINY_SCREEN
+
+ONE_PLATE = replace(TINY_SCREEN, n_plates=1)
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> tuple[Home, str]:
+    home = Home(root=tmp_path / "home").ensure()
+    (plate,) = generate_screen(home.raw_root, ONE_PLATE)
+    return home, plate
+
+
+def _prepare(home: Home, plate: str, cfg: RunConfig) -> None:
+    pipeline.ingest_raw_plate(home, plate, cfg)
+    pipeline.load_platemap(home, plate, cfg)
+    pipeline.correct_illumination(home, plate, cfg)
+
+
+def test_illumination_switch_and_qc_flags_on_cells(home) -> None:
+    home, plate = home
+    off = pipeline.default_run_config(home).model_copy(update={"illumination_correction": False})
+    _prepare(home, plate, off)
+    assert pipeline.analysis_store(home, plate, off) == home.image_store(plate)
+    assert not home.corrected_store(plate).exists() and not home.illumination_file(plate).exists()
+    on = pipeline.default_run_config(home)
+    assert pipeline.correct_illumination(home, plate, on)["enabled"]
+    assert home.corrected_store(plate).exists() and home.illumination_file(plate).exists()
+    pipeline.segment_raw_plate(home, plate, on)
+    summary = pipeline.crop_cells(home, plate, on)
+    cells = Lake(home.lake).read("cells", plate=plate)
+    assert {"qc_pass", "qc_flags"} <= set(cells.columns) and cells["qc_pass"].null_count() == 0
+    assert summary["cells_on_qc_failed_sites"] == int((~cells["qc_pass"]).sum())
+
+
+def test_border_padding_keeps_more_cells_than_dropping(home) -> None:
+    home, plate = home
+    cfg = pipeline.default_run_config(home)
+    _prepare(home, plate, cfg)
+    pipeline.segment_raw_plate(home, plate, cfg)
+    dropped = pipeline.crop_cells(home, plate, cfg)
+    padded = pipeline.crop_cells(home, plate, cfg.model_copy(update={"crop_border": "pad", "mask_neighbors": True}))
+    assert padded["kept"] == dropped["kept"] + dropped["dropped_border"]
+    assert padded["padded_cells"] > 0
+
+
+def test_tile_mode_embeds_and_profiles_tiles(home) -> None:
+    home, plate = home
+    cfg = pipeline.default_run_config(home).model_copy(update={"crop_mode": "tiles", "tile_size": 128})
+    _prepare(home, plate, cfg)
+    summary = pipeline.crop_cells(home, plate, cfg)
+    n_fields = Lake(home.lake).read("images", plate=plate).height
+    assert summary["tiles"] == 4 * n_fields  # 256 x 256 fields -> 2 x 2 tiles of 128
+    version = EncoderVersion("ca_mae", "1", run_id="", tags={})
+    pipeline.embed_plate(home, plate, build_encoder("ca_mae"), version)
+    profiled = pipeline.profile_plate(home, plate, version)
+    assert profiled["wells"] == ONE_PLATE.n_wells
+    assert Lake(home.lake).read("well_profiles", plate=plate)["n_cells"].min() >= 1
+
+
+def test_cellpose_backend_without_cellpose_is_a_clear_error(home) -> None:
+    home, plate = home
+    cfg = pipeline.default_run_config(home).model_copy(
+        update={"segmentation_backend": "cellpose", "cellpose_model": str(home.root / "missing.pt")})
+    _prepare(home, plate, cfg)
+    with pytest.raises(Exception, match="(?i)cellpose|weights"):
+        pipeline.segment_raw_plate(home, plate, cfg)
+
+
+def test_toml_config_resolves_paths_and_round_trips(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "run.toml"
+    path.write_text('layout = "regex"\nraw_root = "../data"\nchannels = ["DNA"]\n'
+                    '[channel_map]\n"1" = "DNA"\n[layout_options]\npattern = "x"\n')
+    cfg = RunConfig.load(path)
+    assert cfg.raw_root == str((tmp_path / "data").resolve()) and cfg.config_dir == str(path.parent.resolve())
+    home = Home(root=tmp_path / "home").ensure()
+    pipeline.save_run_config(home, cfg)
+    assert pipeline.load_run_config(home) == cfg
+    with pytest.raises(ValueError, match="invalid plate name"):
+        cfg.plate_dir("../escape")
