@@ -117,10 +117,10 @@ def embeddings(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.
 @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[embeddings, platemap], kinds={"parquet"})
 def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Cell -> well aggregation (median) of each encoder's embeddings, joined to the platemap."""
-    home, registry = bioembed.home(), bioembed.registry()
+    home = bioembed.home()
     meta = {}
     for setup in bioembed.encoder_setups():
-        summary = pipeline.profile_plate(home, context.partition_key, registry.get(setup.name))
+        summary = pipeline.profile_plate(home, context.partition_key, bioembed.champion(setup.name))
         meta[setup.name] = f"{summary['wells']} wells"
         meta["cells_excluded_by_qc"] = summary["cells_excluded_by_qc"]
     return dg.MaterializeResult(metadata=meta)
@@ -130,10 +130,10 @@ def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> 
 def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """The OpenPhenom card recipe fitted on negative-control wells across all plates: PCA, then
     per-plate standard scaling on controls. Parameters are stored under the home."""
-    home, registry = bioembed.home(), bioembed.registry()
+    home = bioembed.home()
     meta = {}
     for setup in bioembed.encoder_setups():
-        summary = pipeline.fit_normalizer(home, registry.get(setup.name))
+        summary = pipeline.fit_normalizer(home, bioembed.champion(setup.name))
         meta[setup.name] = f"{summary['control_wells']} control wells on {summary['plates']} plates"
     return dg.MaterializeResult(metadata=meta)
 
@@ -141,9 +141,9 @@ def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.
 @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[normalizer, well_profiles], kinds={"parquet"})
 def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Each plate's well profiles through the fitted normalizer (recipe `card`)."""
-    home, registry = bioembed.home(), bioembed.registry()
+    home = bioembed.home()
     for setup in bioembed.encoder_setups():
-        pipeline.normalize_plate(home, context.partition_key, registry.get(setup.name))
+        pipeline.normalize_plate(home, context.partition_key, bioembed.champion(setup.name))
     build_catalog(home.catalog_path, home.lake)
     return dg.MaterializeResult(metadata={"recipe": pipeline.CARD_RECIPE})
 
@@ -155,7 +155,7 @@ def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.
     home, registry = bioembed.home(), bioembed.registry()
     meta: dict[str, dg.MetadataValue | str | float] = {}
     for setup in bioembed.encoder_setups():
-        version = registry.get(setup.name)
+        version = bioembed.champion(setup.name)
         result = pipeline.evaluate_version(home, version, null_size=bioembed.null_size)
         registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
                                        for r in result.metrics.iter_rows(named=True)})

@@ -9,7 +9,7 @@ import dagster as dg
 
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
 from bioembed_assets.pipeline import EncoderSetup, encoder_setups, load_run_config
-from bioembed_assets.registry import EncoderRegistry
+from bioembed_assets.registry import EncoderRegistry, EncoderVersion
 
 
 class BioembedHome(dg.ConfigurableResource):
@@ -28,6 +28,14 @@ class BioembedHome(dg.ConfigurableResource):
     def registry(self) -> EncoderRegistry:
         home = self.home()
         return EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+
+    def champion(self, name: str) -> EncoderVersion:
+        """The champion version of encoder `name`, or a clear error if none is registered."""
+        version = self.registry().get(name)
+        if version is None:
+            raise LookupError(f"encoder {name!r} has no champion version in {self.home().mlflow_db}; "
+                              "materialize the `encoder` asset first")
+        return version
 
     def run_config(self) -> RunConfig:
         return load_run_config(self.home())
