@@ -286,7 +286,7 @@ def test_backfill_of_every_plate_from_the_ui(page, servers, ui_home, screenshots
     _open_lineage(page, dagster.url)
     page.get_by_role("button", name="Materialize all…").click()
     dialog = page.get_by_role("dialog")
-    dialog.get_by_text("Launch runs to materialize 10 assets").wait_for()
+    dialog.get_by_text(f"Launch runs to materialize {len(ASSETS)} assets").wait_for()
     dialog.get_by_role("button", name="All", exact=True).click()
     dialog.get_by_text(f"{len(plate_names)} partitions", exact=True).wait_for()
     for plate in plate_names:
