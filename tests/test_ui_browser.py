@@ -238,11 +238,15 @@ def _open_lineage(page, dagster_url: str) -> None:
 
 def test_lineage_shows_every_asset(page, servers, screenshots: Path) -> None:
     _open_lineage(page, servers["dagster"].url)
-    assert page.get_by_text("normalized_profiles", exact=True).count(), \
-        "the lineage graph is drawn with minimal (name-truncated) nodes: widen LINEAGE_VIEWPORT"
+    try:  # the expanded graph may take a moment to lay out on a loaded machine
+        page.get_by_text("normalized_profiles", exact=True).wait_for(timeout=60_000)
+    except Exception:
+        pytest.fail("the lineage graph is drawn with minimal (name-truncated) nodes: widen LINEAGE_VIEWPORT")
+    page.wait_for_timeout(2_000)  # let the layout settle before measuring positions
     viewport = page.viewport_size
     for name in ASSETS:
         node = page.get_by_text(name, exact=True)
+        node.wait_for(timeout=30_000)
         assert node.count() == 1, f"asset {name} is not drawn on the lineage page"
         assert node.is_visible(), f"asset {name} is not visible"
         box = node.bounding_box()
