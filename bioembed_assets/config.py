@@ -89,14 +89,6 @@ class Home(BaseModel):
         return self
 
 
-class EncoderChoice(BaseModel):
-    """One encoder the platform embeds with: a registered-model name and how to build v1."""
-
-    name: str
-    family: str
-    config: dict = Field(default_factory=dict)
-
-
 class PlatemapConfig(BaseModel):
     """Where a plate's platemap is and how its columns and control labels map to bioembed's."""
 

@@ -334,11 +334,6 @@ def evaluate_version(home: Home, version: EncoderVersion, null_size: int = 10000
     return Evaluation(metrics, group_df, plots)
 
 
-def plates_in(home: Home, table: str, **keys: str) -> list[str]:
-    """Plates that have a partition of `table` (matching `keys`)."""
-    return sorted({p["plate"] for p in Lake(home.lake).partitions(table, **keys)})
-
-
 def _require(df: pl.DataFrame, table: str, plate: str, asset: str) -> None:
     if df.height == 0:
         raise LookupError(f"plate {plate}: no {table} rows; materialize `{asset}` for this plate first")

@@ -56,46 +56,41 @@ def _read_field(field: FieldSource, channels: Sequence[str]) -> np.ndarray:
         except BioembedInputError:
             raise
         except Exception as e:  # noqa: BLE001 - any decode failure means a bad file
-            raise BioembedInputError(
+            raise _field_error(
+                field, where,
                 f"cannot read {_kind(where)} (corrupt or truncated?): {type(e).__name__}: {e}",
-                plate=field.plate,
-                well=field.well,
-                path=where,
             ) from e
         img = np.squeeze(img)
         if img.dtype not in _DTYPES:
             what = "non-integer" if not np.issubdtype(img.dtype, np.integer) else "unsupported"
-            raise BioembedInputError(
+            raise _field_error(
+                field, where,
                 f"{what} pixel type {img.dtype} for {stain} (site {field.site}): expected a uint8/uint16 image",
-                plate=field.plate,
-                well=field.well,
-                path=where,
             )
         if img.ndim != 2:
-            raise BioembedInputError(
+            raise _field_error(
+                field, where,
                 f"expected a 2-D uint8/uint16 image for {stain} (site {field.site}), got shape {img.shape} dtype {img.dtype}",
-                plate=field.plate,
-                well=field.well,
-                path=where,
             )
         if planes and img.dtype != planes[0].dtype:
-            raise BioembedInputError(
+            raise _field_error(
+                field, where,
                 f"mixed bit depth in site {field.site}: {stain} is {img.dtype} but {channels[0]} is {planes[0].dtype} "
                 f"({field.location(channels[0])}); all channels must share one dtype",
-                plate=field.plate,
-                well=field.well,
-                path=where,
             )
         if planes and img.shape != planes[0].shape:
-            raise BioembedInputError(
+            raise _field_error(
+                field, where,
                 f"channels of different shapes in site {field.site}: {stain} image is {img.shape} but {channels[0]} "
                 f"is {planes[0].shape} ({field.location(channels[0])})",
-                plate=field.plate,
-                well=field.well,
-                path=where,
             )
         planes.append(img)
     return np.stack(planes)
+
+
+def _field_error(field: FieldSource, where: str, message: str) -> BioembedInputError:
+    """A BioembedInputError naming the field's plate and well and the file (or zarr location)."""
+    return BioembedInputError(message, plate=field.plate, well=field.well, path=where)
 
 
 def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, ahead: int) -> Iterator[_R]:
