@@ -12,8 +12,9 @@ from pathlib import Path
 import polars as pl
 
 
-def _temp_sibling(target: Path) -> Path:
-    return target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:12]}")
+def _temp_sibling(target: Path, staging: Path | None = None, kind: str = "tmp") -> Path:
+    folder = target.parent if staging is None else staging
+    return folder / f".{kind}-{target.name}-{uuid.uuid4().hex[:12]}"
 
 
 @contextlib.contextmanager
@@ -31,8 +32,9 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `target`; on success it replaces `target` whole.
+def atomic_dir(target: str | Path, staging: str | Path | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target` (or in `staging`, on the same file system,
+    to keep it out of globs over target's parent); on success it replaces `target` whole.
 
     The old folder is first renamed aside, the new one renamed in, then the old one deleted,
     so at every instant `target` is either the complete old or the complete new folder
@@ -40,13 +42,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(target)
+    staging = None if staging is None else Path(staging)
+    if staging is not None:
+        staging.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(target, staging)
     tmp.mkdir()
     try:
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:12]}")
+            old = _temp_sibling(target, staging, "old")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:

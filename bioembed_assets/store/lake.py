@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from bioembed_assets import schema as s
-from bioembed_assets.store.atomic import write_parquet_atomic
+from bioembed_assets.store.atomic import atomic_dir, write_parquet_atomic
 
 PART_FILE = "part-0.parquet"
 _FEATURES_DTYPE = pl.List(pl.Float32)
@@ -100,13 +100,32 @@ class Lake:
 
     def write(self, table: str, df: pl.DataFrame, **keys: str) -> Path:
         """Replace exactly one partition of `table` with `df` (columns cast to the contract)."""
+        return write_parquet_atomic(self._conform(table, df), self.partition_path(table, **keys))
+
+    def _conform(self, table: str, df: pl.DataFrame) -> pl.DataFrame:
+        """`df` with the contract's columns first, cast to their types (extra columns kept after)."""
         t = self.table(table)
         missing = [c for c in t.columns if c not in df.columns]
         if missing:
             raise ValueError(f"table {table!r} needs columns {missing} (got {df.columns})")
         extra = [c for c in df.columns if c not in t.columns]
-        ordered = df.select([pl.col(c).cast(dt) for c, dt in t.columns.items()] + extra)
-        return write_parquet_atomic(ordered, self.partition_path(table, **keys))
+        return df.select([pl.col(c).cast(dt) for c, dt in t.columns.items()] + extra)
+
+    def replace_partitions(self, table: str, frames: Mapping[str, pl.DataFrame], **prefix: str) -> Path:
+        """Replace the whole folder `prefix` of `table` (all keys but the last) by one partition per
+        entry of `frames` (last-key value -> rows), in one swap: readers see the old set or the new."""
+        t = self.table(table)
+        if tuple(prefix) != t.partition_keys[:-1]:
+            raise ValueError(f"table {table!r} needs prefix keys {t.partition_keys[:-1]}, got {tuple(prefix)}")
+        target = self.partition_path(table, **prefix, **{t.partition_keys[-1]: "x"}).parent.parent
+        staging = self.root / ".staging"
+        with atomic_dir(target, staging=staging) as tmp:
+            for value, df in frames.items():
+                part = self.partition_path(table, **prefix, **{t.partition_keys[-1]: value})
+                dest = tmp / part.parent.name / PART_FILE
+                dest.parent.mkdir(parents=True)
+                self._conform(table, df).write_parquet(dest, compression="zstd")
+        return target
 
     def read(self, table: str, **filters: str) -> pl.DataFrame:
         """All rows of `table` whose partition keys equal `filters` (empty frame if none)."""
