@@ -154,8 +154,13 @@ def test_no_negatives_gives_ap_one_and_perfect_map_min_p() -> None:
     ap, n_pos, n_total = average_precision_vs_controls(X, np.array(["a", "a", "b", "b"]), np.zeros(4, bool))
     np.testing.assert_array_equal(ap, 1.0)
     np.testing.assert_array_equal(n_total, 1)
-    out = mean_average_precision(np.ones(3), np.full(3, 2), np.full(3, 20), np.array(["g"] * 3), null_size=999)
-    assert out["p_value"][0] == pytest.approx(1 / 1000)
+    args = (np.ones(3), np.full(3, 2), np.full(3, 20), np.array(["g"] * 3))
+    # copairs: strict ">" gives a perfect mAP the smallest p-value, 1 / (null_size + 1)
+    assert mean_average_precision(*args, null_size=999, null="copairs")["p_value"][0] == pytest.approx(1 / 1000)
+    # exact: comb(20, 2) = 190 rank sets, one of them perfect -> P(null >= 1) = 1/190
+    assert mean_average_precision(*args, null_size=999)["p_value"][0] == pytest.approx(1 / 190)
+    # no negatives (M = L): every rank list is perfect, so AP = 1 is no evidence at all
+    assert mean_average_precision(*args[:2], np.full(3, 2), args[3], null_size=999)["p_value"][0] == 1.0
 
 
 def test_group_null_shares_vectors_within_a_configuration() -> None:
@@ -249,7 +254,22 @@ def test_batch_scores_drop_after_removing_plate_offsets() -> None:
     assert before["batch_chance"] == after["batch_chance"] == 0.25
     assert before["batch_knn_accuracy"] > 0.9 and before["batch_silhouette"] > 0.2
     assert after["batch_knn_accuracy"] < 0.45 and after["batch_silhouette"] < 0.05
+    # mixing, higher = better (5 random draws from 4 batches average ~0.76 of the maximum)
+    assert before["batch_knn_entropy"] < 0.3 < 0.65 < after["batch_knn_entropy"] <= 1.0
     assert np.isnan(batch_effect_scores(X, np.full(plates.size, "P1"))["batch_silhouette"])
+
+
+def test_batch_knn_entropy_hand_checked() -> None:
+    # two tight clusters, each holding one batch: every neighbourhood is single-batch -> 0
+    X = np.array([[1, 0.01 * i] for i in range(6)] + [[0.01 * i, 1] for i in range(6)])
+    sep = batch_effect_scores(X, np.repeat(["a", "b"], 6), k=3)
+    assert sep["batch_knn_entropy"] == pytest.approx(0.0) and sep["batch_knn_accuracy"] == 1.0
+    # equally spaced points on an arc, batches a,a,b,b,a,a,b,b: the 2 nearest neighbours of every
+    # point are one a and one b (entropy log 2 / log 2 = 1); alternating a,b,a,b gives inner
+    # points two neighbours of the other batch (0) and only the 2 end points mixed ones: 2/8
+    X = np.stack([np.cos(np.linspace(0, 0.5, 8)), np.sin(np.linspace(0, 0.5, 8))], axis=1)
+    assert batch_effect_scores(X, np.array(list("aabbaabb")), k=2)["batch_knn_entropy"] == pytest.approx(1.0)
+    assert batch_effect_scores(X, np.array(list("abababab")), k=2)["batch_knn_entropy"] == pytest.approx(0.25)
 
 
 def test_embedding_map_png() -> None:

@@ -1,4 +1,5 @@
-"""Batch-effect scores on profiles (typically the negative controls): lower = less batch effect."""
+"""Batch-effect scores on profiles (typically the negative controls): lower silhouette / kNN batch accuracy
+and higher kNN batch-label entropy = less batch effect."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from sklearn.metrics import silhouette_score
 _BLOCK_ELEMS = 1 << 22
 
 
-def _knn_batch_accuracy(Xn: np.ndarray, codes: np.ndarray, k: int) -> float:
-    """Leave-one-out k-NN (cosine) accuracy of predicting each row's batch; ties in the vote
-    go to the label of the nearest neighbour among the tied labels."""
+def _knn_batch_scores(Xn: np.ndarray, codes: np.ndarray, k: int) -> tuple[float, float]:
+    """Leave-one-out k-NN (cosine) over the rows: (accuracy of predicting each row's batch by
+    majority vote, ties going to the label of the nearest neighbour among the tied labels;
+    mean entropy of the neighbours' batch labels / log(min(k, n_batches)))."""
     n = Xn.shape[0]
     k = min(k, n - 1)
     b = max(1, _BLOCK_ELEMS // n)
-    hits = 0
+    hits, entropy = 0, 0.0
     for lo in range(0, n, b):
         hi = min(lo + b, n)
         S = Xn[lo:hi] @ Xn.T
@@ -25,7 +27,11 @@ def _knn_batch_accuracy(Xn: np.ndarray, codes: np.ndarray, k: int) -> float:
         votes = (lab[:, :, None] == lab[:, None, :]).sum(axis=2)
         pred = lab[np.arange(hi - lo), np.argmax(votes, axis=1)]
         hits += int((pred == codes[lo:hi]).sum())
-    return hits / n
+        # a label seen c times among the k neighbours contributes -(c/k) log(c/k) = its c entries' -(1/k) log(c/k)
+        entropy += float(-np.log(votes / k).sum() / k)
+    n_batches = int(codes.max()) + 1
+    top = np.log(min(k, n_batches))
+    return hits / n, entropy / n / top if top > 0 else float("nan")
 
 
 def batch_effect_scores(
@@ -43,6 +49,9 @@ def batch_effect_scores(
     - `batch_knn_accuracy`: leave-one-out k-NN (cosine) accuracy of predicting the batch, raw.
     - `batch_chance`: 1 / n_batches, the accuracy expected without batch effect (for balanced
       batches; with unbalanced batches the chance level is higher).
+    - `batch_knn_entropy`: mixing of the same k neighbours: mean entropy of their batch labels,
+      normalised by log(min(k, n_batches)); 1 = every neighbourhood evenly mixed (balanced
+      batches), 0 = every neighbourhood from one batch. Higher = less batch effect.
     NaN scores when fewer than 2 batches or fewer than 3 rows are selected.
     """
     X = np.asarray(X, dtype=np.float64)
@@ -57,7 +66,8 @@ def batch_effect_scores(
     uniq, codes = np.unique(batches, return_inverse=True)
     codes = codes.reshape(-1)
     out = {"batch_silhouette": float("nan"), "batch_knn_accuracy": float("nan"),
-           "batch_chance": 1.0 / len(uniq) if len(uniq) else float("nan"), "n_rows": float(X.shape[0]),
+           "batch_chance": 1.0 / len(uniq) if len(uniq) else float("nan"), "batch_knn_entropy": float("nan"),
+           "n_rows": float(X.shape[0]),
            "n_batches": float(len(uniq))}  # fmt: skip
     if len(uniq) < 2 or X.shape[0] < 3:
         return out
@@ -68,5 +78,5 @@ def batch_effect_scores(
     if len(uniq) < X.shape[0]:
         n_s = None if sample_size is None or sample_size >= X.shape[0] else sample_size
         out["batch_silhouette"] = float(silhouette_score(Xn, codes, metric="cosine", sample_size=n_s, random_state=seed))
-    out["batch_knn_accuracy"] = _knn_batch_accuracy(Xn, codes, k)
+    out["batch_knn_accuracy"], out["batch_knn_entropy"] = _knn_batch_scores(Xn, codes, k)
     return out
