@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bioembed_assets.profiles.steps import batch_affine
 from bioembed_assets.store.atomic import atomic_dir
 
 _NPZ, _JSON = "pca_centerscale.npz", "pca_centerscale.json"
@@ -45,6 +46,12 @@ def _rows64(X: np.ndarray, rows: slice | np.ndarray, start: int = 0) -> np.ndarr
     return A
 
 
+def _check_finite_rows(A: np.ndarray, start: int) -> None:
+    bad = ~np.isfinite(A).all(axis=1)
+    if bad.any():
+        raise ValueError(f"X has non-finite values (NaN/inf), first at row {start + int(np.argmax(bad))}")
+
+
 def _codes(batches: np.ndarray, n: int) -> tuple[list[Any], np.ndarray]:
     batches = np.asarray(batches)
     if batches.shape != (n,):
@@ -64,11 +71,50 @@ def _batch_scalers(Y: np.ndarray, codes: np.ndarray, n_batches: int, labels: lis
     Ys = Y[order]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     mean = np.add.reduceat(Ys, starts, axis=0) / counts[:, None]
-    dev = Ys - np.repeat(mean, counts, axis=0)
-    var = np.add.reduceat(dev * dev, starts, axis=0) / counts[:, None]
+    for b, (s, c) in enumerate(zip(starts, counts)):  # deviations in place, block by block
+        Ys[s : s + c] -= mean[b]
+    np.multiply(Ys, Ys, out=Ys)
+    var = np.add.reduceat(Ys, starts, axis=0) / counts[:, None]
     scale = np.sqrt(var)
     scale[scale <= _ZERO_REL * scale.max(axis=1, keepdims=True)] = 1.0  # (numerically) constant
     return mean, scale
+
+
+def control_pca(C: np.ndarray, k: int) -> np.ndarray:
+    """The first k principal axes (k, d) of the centred rows C (float64).
+
+    Uses the d x d scatter matrix (eigh) when C has at least 10 d rows, else a thin SVD, as
+    scikit-learn's `svd_solver="auto"` does; signs are made deterministic (as scikit-learn's
+    svd_flip): the largest |loading| of each axis is positive.
+    """
+    d = C.shape[1]
+    if C.shape[0] >= 10 * d:
+        _, vecs = np.linalg.eigh(C.T @ C)
+        vt = vecs[:, ::-1].T[:k].copy()
+    else:
+        vt = np.linalg.svd(C, full_matrices=False)[2][:k]
+    vt *= np.sign(vt[np.arange(k), np.argmax(np.abs(vt), axis=1)])[:, None]
+    return vt
+
+
+def project_scale(A: np.ndarray, mean: np.ndarray, components: np.ndarray, batch_mean: np.ndarray,
+                  batch_scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The card transform of a chunk of rows A (any float dtype): ((A - mean) @ components' - batch
+    mean) / batch scale, in float64, `codes` indexing the batch tables."""
+    Y = np.subtract(A, mean, dtype=np.float64) @ components.T
+    return batch_affine(Y, codes, batch_mean, batch_scale)
+
+
+def fit_pca_centerscale(
+    C: np.ndarray, codes: np.ndarray, labels: list[Any], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The card recipe on control rows C (float64, centred in place): (mean, components (k, d),
+    per-batch mean (B, k), per-batch scale (B, k)); `codes` index `labels` (all batches)."""
+    mean = C.mean(axis=0)
+    C -= mean
+    vt = control_pca(C, k)
+    batch_mean, batch_scale = _batch_scalers(C @ vt.T, codes, len(labels), labels)
+    return mean, vt, batch_mean, batch_scale
 
 
 class PCACenterScale:
@@ -105,17 +151,7 @@ class PCACenterScale:
             raise ValueError(f"n_components must be in [1, {k_max}] (min(n_controls - 1, n_features)), got {k}")
         labels, codes = _codes(batches, X.shape[0])
         C = _rows64(X, np.flatnonzero(ctrl))
-        self.mean_ = C.mean(axis=0)
-        C -= self.mean_
-        if n_ctrl >= 10 * d:
-            _, vecs = np.linalg.eigh(C.T @ C)
-            vt = vecs[:, ::-1].T[:k].copy()
-        else:
-            vt = np.linalg.svd(C, full_matrices=False)[2][:k]
-        # Deterministic signs (as scikit-learn's svd_flip): largest |loading| of each component > 0.
-        vt *= np.sign(vt[np.arange(k), np.argmax(np.abs(vt), axis=1)])[:, None]
-        self.components_ = vt
-        self.batch_mean_, self.batch_scale_ = _batch_scalers(C @ vt.T, codes[ctrl], len(labels), labels)
+        self.mean_, self.components_, self.batch_mean_, self.batch_scale_ = fit_pca_centerscale(C, codes[ctrl], labels, k)
         self.batches_ = labels
         self.n_components = k
         return self
@@ -156,8 +192,9 @@ class PCACenterScale:
         step = max(1, _CHUNK // max(X.shape[1], k))
         for lo in range(0, X.shape[0], step):
             sl = slice(lo, lo + step)
-            Y = (_rows64(X, sl, lo) - self.mean_) @ self.components_.T
-            out[sl] = (Y - mean[codes[sl]]) / scale[codes[sl]]
+            A = X[sl]
+            _check_finite_rows(A, lo)
+            out[sl] = project_scale(A, self.mean_, self.components_, mean, scale, codes[sl])
         return out
 
     def fit_transform(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray) -> np.ndarray:
