@@ -111,3 +111,22 @@ def test_errors() -> None:
         nsc(bad, X)
     with pytest.raises(ValueError, match="one per meta row"):
         nsc(meta, X[:-1])
+
+
+def test_synthetic_moa_structure_is_found_and_shuffling_destroys_it() -> None:
+    from bioembed_assets.sources.synthetic_profiles import SyntheticProfilesConfig, generate_profiles
+
+    meta0, X0 = generate_profiles(SyntheticProfilesConfig(n_rows=3000))
+    meta, X = generate_profiles(SyntheticProfilesConfig(n_rows=3000, n_moas=15))
+    np.testing.assert_array_equal(X0, generate_profiles(SyntheticProfilesConfig(n_rows=3000))[1])
+    assert meta0["moa"].null_count() == meta0.height  # default: unchanged, no MoA annotation
+    assert meta.filter(pl.col("control_type") == "treatment")["moa"].null_count() == 0
+    keep = (meta["active"] | (meta["control_type"] == "negative")).to_numpy()
+    act, Xa = meta.filter(pl.Series(keep)), X[keep]
+    res = nsc(act, Xa)
+    perts = act.filter(pl.col("moa").is_not_null())["perturbation"].unique().sort()
+    shuffled = dict(zip(perts, np.random.default_rng(0).permutation(
+        act.group_by("perturbation").agg(pl.col("moa").first()).sort("perturbation").filter(
+            pl.col("moa").is_not_null())["moa"].to_list())))
+    res_s = nsc(act.with_columns(pl.col("perturbation").replace_strict(shuffled, default=None).alias("moa")), Xa)
+    assert res.accuracy > 0.6 > 0.2 > res_s.accuracy  # chance ~ 1/15

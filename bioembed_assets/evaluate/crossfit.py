@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
+from bioembed_assets.evaluate.nulls import NullMode
 from bioembed_assets.evaluate.retrieval import average_precision_vs_controls, mean_average_precision
 from bioembed_assets.schema import CONTROL_TYPE, PERTURBATION, PLATE, ControlType
 
@@ -53,11 +54,13 @@ def cross_fitted_replicate_map(
     null_size: int = 10000,
     seed: int = 0,
     threshold: float = 0.05,
+    null: NullMode = "exact",
 ) -> pl.DataFrame:
     """Replicate mAP vs negative controls of profiles normalized without those controls.
 
     `X` holds the un-normalized profiles; `make_normalizer()` returns a fresh normalizer that
-    is fitted on the other folds' controls. Output columns as `replicate_map`.
+    is fitted on the other folds' controls. `null` as in `mean_average_precision`. Output
+    columns as `replicate_map`.
     """
     batches = meta[batch_col].cast(pl.String).to_numpy()
     pert = meta[pert_col].cast(pl.String).to_numpy()
@@ -71,5 +74,5 @@ def cross_fitted_replicate_map(
         treated = ~neg[rows]
         parts.append((ap[treated], n_pos[treated], n_total[treated], pert[rows][treated]))
     ap, n_pos, n_total, groups = (np.concatenate(p) for p in zip(*parts))
-    return mean_average_precision(ap, n_pos, n_total, groups, null_size, seed, threshold).rename(
+    return mean_average_precision(ap, n_pos, n_total, groups, null_size, seed, threshold, null=null).rename(
         {"group": pert_col})

@@ -137,7 +137,10 @@ def _check_features(X: np.ndarray, n: int | None = None) -> np.ndarray:
 
 
 def _norms(X: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(X, axis=1)  # in the features' dtype, as copairs' row normalisation
+    norm = np.empty(X.shape[0], dtype=X.dtype)
+    step = max(1, (1 << 22) // max(X.shape[1], 1))
+    for lo in range(0, X.shape[0], step):  # chunked np.linalg.norm: same per-row arithmetic as copairs'
+        norm[lo : lo + step] = np.linalg.norm(X[lo : lo + step], axis=1)
     if (norm == 0).any():
         raise ValueError(f"cosine similarity is undefined for all-zero rows (first at row {int(np.argmax(norm == 0))})")
     return norm
@@ -257,18 +260,23 @@ def ap_core(
     cache: tuple[tuple, _Candidates] | None = None
     for qs in np.split(q, seg):
         g = int(gneg[qs[0]])
-        members = np.sort(neg_order[nstart[g] : nstart[g] + nsize[g]])
+        members = neg_order[nstart[g] : nstart[g] + nsize[g]]  # ascending (stable argsort)
+        counts = [np.unique(codes[members], return_counts=True) for codes in neg.diff]
         lo = 0
         while lo < qs.size:
             # a first block sized for all group members fixes which diffby values the block's
-            # queries share (rows with them are no candidates); the block then grows to the
-            # candidate count for as long as its queries keep sharing those values
+            # queries share: members with such a value are no candidates and are dropped when
+            # they are >= 1/8 of the group (else masked); the block then grows to the candidate
+            # count for as long as its queries keep sharing those values
             hi = _block_end(qs, lo, members.size, row_gsize, d, block_elems)
             excluded = {}
             for c, codes in enumerate(neg.diff):
                 v = codes[qs[lo:hi]]
                 if (v == v[0]).all():
-                    excluded[c] = int(v[0])
+                    vals, cnt = counts[c]
+                    at = np.searchsorted(vals, v[0])
+                    if at < vals.size and vals[at] == v[0] and 8 * cnt[at] >= members.size:
+                        excluded[c] = int(v[0])
             key = (g, tuple(sorted(excluded.items())))
             if cache is None or cache[0] != key:
                 cache = (key, _Candidates(X, norm, members, neg, excluded))
@@ -326,7 +334,8 @@ def _block(
     for codes in pos.diff:
         valid &= codes[P] != codes[qb][:, None]
     if K <= _SMALL_GROUP:
-        Pn = X[P] / norm[P][..., None]
+        Pn = X[P]
+        Pn /= norm[P][..., None]
         S_pos = (Qn[:, None, :] * Pn).sum(axis=2)  # row-wise products, as copairs computes them
     else:
         U = np.unique(P[valid])
