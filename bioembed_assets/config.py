@@ -142,6 +142,8 @@ class RunConfig(BaseModel):
     """Zero the pixels of other cells inside each crop (as SubCell expects)."""
     tile_size: int = 256
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
+    recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
+    """Normalization recipes to fit and evaluate: name -> preset name or step string (see README)."""
     config_dir: str | None = None
     """Folder of the config file (set by `load`); relative platemap paths may resolve against it."""
 

@@ -17,18 +17,12 @@ import polars as pl
 from bioembed_assets import schema as s
 from bioembed_assets.config import Home, RunConfig
 from bioembed_assets.encoders.base import Encoder, build_encoder
-from bioembed_assets.evaluate.batch import batch_effect_scores
-from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
-from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
-from bioembed_assets.evaluate.retrieval import fraction_retrieved, moa_map, replicate_map
-from bioembed_assets.evaluate.separation import control_z_prime
 from bioembed_assets.images.illumination import correct_plate_store, estimate_illumination, save_illumination
 from bioembed_assets.images.plots import plate_heatmap_png
 from bioembed_assets.images.qc import site_qc
 from bioembed_assets.images.store import ingest_plate
 from bioembed_assets.inference import ProgressCallback, embed_crop_store
 from bioembed_assets.profiles.aggregate import aggregate_to_wells
-from bioembed_assets.profiles.normalize import PCACenterScale
 from bioembed_assets.registry import EncoderVersion
 from bioembed_assets.segment.crops import extract_crops, extract_tiles
 from bioembed_assets.segment.plate import segment_plate
@@ -37,9 +31,6 @@ from bioembed_assets.sources.platemap import read_platemap, resolve_platemap_pat
 from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
 from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
-
-RAW_RECIPE = "raw"
-CARD_RECIPE = "card"  # the OpenPhenom model-card recipe (PCACenterScale)
 
 
 @dataclass(frozen=True)
@@ -237,101 +228,6 @@ def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
                version=version.version, plate=plate)
     missing = sorted(set(platemap[s.WELL]) - set(wells_meta[s.WELL]))
     return {"wells": wells_meta.height, "wells_without_cells": len(missing), "cells_excluded_by_qc": excluded}
-
-
-# -- across plates ------------------------------------------------------------------------------
-def _profiles(home: Home, table: str, version: EncoderVersion, **keys: str) -> tuple[pl.DataFrame, np.ndarray]:
-    df = Lake(home.lake).read(table, encoder=version.name, version=version.version, **keys)
-    if df.height == 0:
-        raise LookupError(f"no {table} for encoder {version.name} v{version.version}{keys or ''}")
-    df = df.sort(s.PLATE, s.WELL)
-    return df.drop(s.FEATURES), features_to_numpy(df)
-
-
-def normalizer_path(home: Home, version: EncoderVersion, recipe: str = CARD_RECIPE) -> Path:
-    return home.normalizers / f"encoder={version.name}" / f"version={version.version}" / f"recipe={recipe}"
-
-
-def _is_negative(meta: pl.DataFrame) -> np.ndarray:
-    return (meta[s.CONTROL_TYPE] == s.ControlType.NEGATIVE).to_numpy()
-
-
-def fit_normalizer(home: Home, version: EncoderVersion) -> dict:
-    """Fit the card recipe (PCA on controls of all plates, per-plate scaling) and store it."""
-    meta, X = _profiles(home, "well_profiles", version)
-    norm = PCACenterScale().fit(X, meta[s.PLATE].to_numpy(), _is_negative(meta))
-    norm.save(normalizer_path(home, version))
-    return {"plates": meta[s.PLATE].n_unique(), "control_wells": int(_is_negative(meta).sum()),
-            "wells": meta.height}
-
-
-def normalize_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
-    """One plate's well profiles through the stored normalizer -> `normalized_profiles`."""
-    meta, X = _profiles(home, "well_profiles", version, plate=plate)
-    norm = PCACenterScale.load(normalizer_path(home, version))
-    Y = norm.transform(X, meta[s.PLATE].to_numpy(), _is_negative(meta))
-    out = with_features(meta.with_columns(pl.lit(CARD_RECIPE).alias(s.RECIPE)), Y)
-    Lake(home.lake).write("normalized_profiles", out, encoder=version.name,
-                          version=version.version, recipe=CARD_RECIPE, plate=plate)
-    return {"wells": out.height, "dim": int(Y.shape[1])}
-
-
-@dataclass
-class Evaluation:
-    """Scalar metrics per recipe, per-group mAP tables, and PNG plots of one encoder version."""
-
-    metrics: pl.DataFrame
-    groups: pl.DataFrame
-    plots: dict[str, bytes]
-
-    def value(self, recipe: str, metric: str) -> float:
-        row = self.metrics.filter((pl.col(s.RECIPE) == recipe) & (pl.col("metric") == metric))
-        return float(row["value"][0]) if row.height else float("nan")
-
-
-def evaluate_version(home: Home, version: EncoderVersion, null_size: int = 10000, seed: int = 0) -> Evaluation:
-    """Replicate/MoA retrieval and plate effect, before (raw) and after (card) normalization.
-
-    The card recipe's replicate mAP is cross-fitted (`evaluate.crossfit`): its negative controls
-    are never the ones its normalizer was fitted on.
-    """
-    raw = _profiles(home, "well_profiles", version)
-    feature_sets = {RAW_RECIPE: raw,
-                    CARD_RECIPE: _profiles(home, "normalized_profiles", version, recipe=CARD_RECIPE)}
-    rows, groups, plots = [], [], {}
-    for recipe, (meta, X) in feature_sets.items():
-        if recipe == RAW_RECIPE:  # nothing fitted: every control can be a negative
-            rep = replicate_map(meta, X, null_size=null_size, seed=seed)
-        else:  # negatives are always controls the normalizer did not see
-            rep = cross_fitted_replicate_map(*raw, PCACenterScale, null_size=null_size, seed=seed)
-        moa = moa_map(meta, X, null_size=null_size, seed=seed)
-        # Plate effect on treated wells: out-of-sample for a normalizer fitted on controls.
-        batch = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=~_is_negative(meta))
-        positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
-        batch["control_z_prime"] = control_z_prime(X, positive, _is_negative(meta), seed=seed)
-        scalars = {"replicate_map": rep["mean_average_precision"].mean(),
-                   "fraction_retrieved": fraction_retrieved(rep),
-                   "moa_map": moa["mean_average_precision"].mean(),
-                   "moa_fraction_retrieved": fraction_retrieved(moa), **batch}
-        rows += [(recipe, k, float(v) if v is not None else float("nan")) for k, v in scalars.items()]
-        for kind, df, key in (("replicate", rep, s.PERTURBATION), ("moa", moa, s.MOA)):
-            groups.append(df.select(
-                pl.lit(recipe).alias(s.RECIPE), pl.lit(kind).alias("kind"),
-                pl.col(key).cast(pl.Utf8).alias("group"), "mean_average_precision", "p_value",
-                "corrected_p_value", "below_corrected_p"))
-        treated = meta[s.CONTROL_TYPE].to_numpy() != s.ControlType.NEGATIVE
-        plots[f"{recipe}_map"] = embedding_map_png(
-            X, {"MoA": np.where(treated, meta[s.MOA].fill_null("").to_numpy(), "DMSO"),
-                "plate": meta[s.PLATE].to_numpy()},
-            title=f"{version.name} v{version.version} ({recipe})")
-        plots[f"{recipe}_map_vs_p"] = map_vs_pvalue_png(rep)
-    ident = [pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION)]
-    metrics = pl.DataFrame(rows, schema=[s.RECIPE, "metric", "value"], orient="row").with_columns(ident)
-    group_df = pl.concat(groups).with_columns(ident)
-    lake = Lake(home.lake)
-    lake.write("metrics", metrics, encoder=version.name, version=version.version)
-    lake.write("replicate_map", group_df, encoder=version.name, version=version.version)
-    return Evaluation(metrics, group_df, plots)
 
 
 def _require(df: pl.DataFrame, table: str, plate: str, asset: str) -> None:

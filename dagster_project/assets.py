@@ -1,4 +1,4 @@
-"""The bioembed asset graph. Each asset is a thin call into `bioembed_assets.pipeline`."""
+"""The bioembed asset graph. Each asset is a thin call into `bioembed_assets.pipeline` / `.feature_sets`."""
 
 
 import base64
@@ -6,13 +6,14 @@ import base64
 import dagster as dg
 import polars as pl
 
-from bioembed_assets import pipeline
+from bioembed_assets import feature_sets, pipeline
 from bioembed_assets.inference import resolve_device
+from bioembed_assets.sources.profile_table import ProfileImportSpec, import_profiles
 from bioembed_assets.store.catalog import build_catalog
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
-INGEST, EMBED, PROFILE, EVALUATE = "ingest", "embed", "profile", "evaluate"
+INGEST, EMBED, PROFILE, EVALUATE, IMPORT = "ingest", "embed", "profile", "evaluate", "import"
 
 
 def _check(name: str, asset: str, passed: bool, **metadata) -> dg.AssetCheckResult:
@@ -128,46 +129,90 @@ def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> 
 
 @dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"})
 def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """The OpenPhenom card recipe fitted on negative-control wells across all plates: PCA, then
-    per-plate standard scaling on controls. Parameters are stored under the home."""
-    home = bioembed.home()
+    """Each configured normalization recipe (default: the OpenPhenom card recipe, PCA on negative
+    controls + per-plate scaling) fitted on all plates; parameters stored under the home."""
+    home, recipes = bioembed.home(), bioembed.run_config().recipes
     meta = {}
     for setup in bioembed.encoder_setups():
-        summary = pipeline.fit_normalizer(home, bioembed.champion(setup.name))
-        meta[setup.name] = f"{summary['control_wells']} control wells on {summary['plates']} plates"
+        for name, spec in recipes.items():
+            summary = feature_sets.fit_normalizer(home, bioembed.champion(setup.name), name, spec)
+            meta[f"{setup.name}/{name}"] = (f"{summary['steps']}: {summary['control_wells']} control wells on "
+                                            f"{summary['plates']} plates, {summary['features_out']} features out")
     return dg.MaterializeResult(metadata=meta)
 
 
 @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[normalizer, well_profiles], kinds={"parquet"})
 def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Each plate's well profiles through the fitted normalizer (recipe `card`)."""
-    home = bioembed.home()
+    """Each plate's well profiles through every fitted recipe (rows record recipe name and steps)."""
+    home, recipes = bioembed.home(), bioembed.run_config().recipes
     for setup in bioembed.encoder_setups():
-        pipeline.normalize_plate(home, context.partition_key, bioembed.champion(setup.name))
+        for name in recipes:
+            feature_sets.normalize_plate(home, context.partition_key, bioembed.champion(setup.name), name)
     build_catalog(home.catalog_path, home.lake)
-    return dg.MaterializeResult(metadata={"recipe": pipeline.CARD_RECIPE})
+    return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes)})
+
+
+def _evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[str, dg.MetadataValue]:
+    meta = {f"{prefix}metrics": dg.MetadataValue.md(markdown_table(result.metrics.select("recipe", "metric", "value")))}
+    return meta | {f"{prefix}{plot}": _png_markdown(png, plot) for plot, png in result.plots.items()}
 
 
 @dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"})
 def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Replicate mAP vs negative controls (p-values, BH-FDR, fraction retrieved), MoA retrieval and
-    plate effect, before and after normalization; logged to each encoder version's MLflow run."""
-    home, registry = bioembed.home(), bioembed.registry()
+    plate effect, before and after each recipe; logged to each encoder version's MLflow run."""
+    home, registry, recipes = bioembed.home(), bioembed.registry(), bioembed.run_config().recipes
     meta: dict[str, dg.MetadataValue | str | float] = {}
     for setup in bioembed.encoder_setups():
         version = bioembed.champion(setup.name)
-        result = pipeline.evaluate_version(home, version, null_size=bioembed.null_size)
+        result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=bioembed.null_size)
         registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
                                        for r in result.metrics.iter_rows(named=True)})
-        meta[f"{setup.name}_metrics"] = dg.MetadataValue.md(
-            markdown_table(result.metrics.select("recipe", "metric", "value")))
-        for plot, png in result.plots.items():
-            meta[f"{setup.name}_{plot}"] = _png_markdown(png, plot)
+        meta |= _evaluation_metadata(result, f"{setup.name}_")
     build_catalog(home.catalog_path, home.lake)
     meta["catalog"] = dg.MetadataValue.path(str(home.catalog_path))
     return dg.MaterializeResult(metadata=meta)
 
 
+class ProfileImportConfig(dg.Config):
+    """An external well-level profile table to import as a feature set (see README: Bring your own profiles)."""
+
+    name: str
+    files: list[str]
+    plate_col: str = "Metadata_Plate"
+    well_col: str = "Metadata_Well"
+    perturbation_cols: list[str] = ["Metadata_broad_sample"]
+    canonical_perturbation: bool = False
+    negative: dict[str, list[str]] = {}
+    positive: dict[str, list[str]] = {}
+    moa_col: str | None = None
+    recipes: dict[str, str] = {"card": "card"}
+
+
+@dg.asset(group_name=IMPORT, kinds={"parquet"})
+def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportConfig,
+                      bioembed: BioembedHome) -> dict:
+    """Well-level profiles from pycytominer/JUMP-style tables, stored as a named, versioned feature set."""
+    spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes"}))
+    result = import_profiles(bioembed.home().root, config.files, spec)
+    context.add_output_metadata({"feature_set": result.name, "version": result.version, "wells": result.rows,
+                                 "plates": len(result.plates), "features": len(result.features),
+                                 "features_dropped_by_intersection": result.dropped_features})
+    return {"name": result.name, "version": result.version, "recipes": config.recipes}
+
+
+@dg.asset(group_name=IMPORT, kinds={"duckdb"})
+def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: dict,
+                        bioembed: BioembedHome) -> dg.MaterializeResult:
+    """The imported feature set normalized with its recipes and evaluated like any embedding."""
+    home = bioembed.home()
+    fs = feature_sets.FeatureSetRef(imported_profiles["name"], imported_profiles["version"])
+    feature_sets.normalize_feature_set(home, fs, imported_profiles["recipes"])
+    result = feature_sets.evaluate_feature_set(home, fs, imported_profiles["recipes"], null_size=bioembed.null_size)
+    build_catalog(home.catalog_path, home.lake)
+    return dg.MaterializeResult(metadata=_evaluation_metadata(result, ""))
+
+
 PER_PLATE_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, embeddings, well_profiles]
 ALL_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, encoder, embeddings, well_profiles,
-              normalizer, normalized_profiles, evaluation]
+              normalizer, normalized_profiles, evaluation, imported_profiles, imported_evaluation]

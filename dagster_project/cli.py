@@ -61,6 +61,40 @@ def _run(args: argparse.Namespace) -> int:
     return _report(run_with_config(args.home, RunConfig.load(args.config), null_size=args.null_size))
 
 
+def _pairs(values: list[str], flag: str) -> dict[str, list[str]]:
+    """["COL=a,b", ...] -> {"COL": ["a", "b"]}."""
+    out: dict[str, list[str]] = {}
+    for v in values:
+        col, sep, vals = v.partition("=")
+        if not sep or not col or not vals:
+            raise SystemExit(f"{flag} expects COLUMN=VALUE[,VALUE...], got {v!r}")
+        out.setdefault(col, []).extend(vals.split(","))
+    return out
+
+
+def _import_profiles(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from bioembed_assets.report import format_metrics, metrics_table
+    from dagster_project.demo import import_with_dagster
+
+    recipes = {}
+    for r in args.recipe or ["card=card"]:
+        name, sep, spec = r.partition("=")
+        recipes[name] = spec if sep else name
+    config = {"name": args.name, "files": [str(Path(f).resolve()) for f in args.files], "plate_col": args.plate_col,
+              "well_col": args.well_col, "perturbation_cols": args.perturbation.split(","),
+              "canonical_perturbation": args.canonical_perturbation, "negative": _pairs(args.negative, "--negative"),
+              "positive": _pairs(args.positive, "--positive"), "moa_col": args.moa, "recipes": recipes}
+    home, imported = import_with_dagster(args.home, config, null_size=args.null_size)
+    print(f"Imported feature set {imported['name']} v{imported['version']} into {home.lake}")
+    table = metrics_table(home.catalog_path)
+    print(format_metrics(table.filter((table["encoder"] == imported["name"])
+                                      & (table["encoder_version"] == imported["version"]))))
+    print(f"\nQuery it: uv run bioembed sql --home {home.root} "
+          f"\"SELECT * FROM metrics WHERE encoder = '{imported['name']}'\"")
+    return 0
+
+
 def _sql(args: argparse.Namespace) -> int:
     from bioembed_assets.config import Home
     from bioembed_assets.store.catalog import connect
@@ -95,11 +129,32 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="run configuration (TOML; see README)")
     run.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     run.set_defaults(func=_run)
+    imp = sub.add_parser("import-profiles", help="import well-level profile tables (CSV/CSV.GZ/Parquet) as a "
+                         "feature set, then normalize and evaluate it")
+    imp.add_argument("files", nargs="+", help="profile tables: Metadata_* columns + numeric feature columns")
+    imp.add_argument("--home", required=True, help="bioembed home folder (created if needed)")
+    imp.add_argument("--name", required=True, help="feature-set name, e.g. lincs_cellprofiler")
+    imp.add_argument("--plate-col", default="Metadata_Plate")
+    imp.add_argument("--well-col", default="Metadata_Well")
+    imp.add_argument("--perturbation", default="Metadata_broad_sample",
+                     help="perturbation column(s), comma-separated (joined with ' @ ')")
+    imp.add_argument("--canonical-perturbation", action="store_true",
+                     help="match perturbation names case/punctuation-insensitively (U2-OS = U-2OS)")
+    imp.add_argument("--negative", action="append", default=[], metavar="COL=VALUE[,VALUE]",
+                     help="negative-control wells, e.g. Metadata_broad_sample=DMSO (repeatable)")
+    imp.add_argument("--positive", action="append", default=[], metavar="COL=VALUE[,VALUE]")
+    imp.add_argument("--moa", default=None, help="MoA column ('|' separates several MoAs)")
+    imp.add_argument("--recipe", action="append", metavar="NAME[=STEPS]",
+                     help="normalization recipe to fit and evaluate (repeatable; default: card)")
+    imp.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
+    imp.set_defaults(func=_import_profiles)
     sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only)")
     sql.add_argument("query")
     sql.add_argument("--home", default="bioembed-home")
     sql.set_defaults(func=_sql)
     args = parser.parse_args(argv)
+    if getattr(args, "home", None):  # caches (matplotlib's font list) live in the home, not in $HOME
+        os.environ.setdefault("MPLCONFIGDIR", str(Path(args.home).expanduser().resolve() / ".cache" / "matplotlib"))
     return args.func(args)
 
 

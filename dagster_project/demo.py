@@ -17,6 +17,8 @@ from dagster_project.assets import (
     PER_PLATE_ASSETS,
     encoder,
     evaluation,
+    imported_evaluation,
+    imported_profiles,
     normalized_profiles,
     normalizer,
 )
@@ -44,6 +46,7 @@ def use_home(home_dir: str | Path) -> Home:
     home = Home(root=Path(home_dir).expanduser().resolve()).ensure()
     os.environ["DAGSTER_HOME"] = str(home.dagster_home)
     os.environ[HOME_ENV_VAR] = str(home.root)
+    os.environ.setdefault("MPLCONFIGDIR", str(home.root / ".cache" / "matplotlib"))
     config = home.dagster_home / "dagster.yaml"
     if not config.exists():
         config.write_text("concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n")
@@ -125,3 +128,16 @@ def run_with_config(home_dir: str | Path, config: RunConfig, null_size: int = 10
     outcome = materialize_home(home, plate_names, resource, log)
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def import_with_dagster(home_dir: str | Path, import_config: dict, null_size: int = 10000) -> tuple[Home, dict]:
+    """Materialize `imported_profiles` -> `imported_evaluation` in-process with `import_config`
+    (the fields of `ProfileImportConfig`); returns the home and the imported set's name/version."""
+    home = use_home(home_dir)
+    run_config = {**_QUIET, "ops": {"imported_profiles": {"config": import_config}}}
+    result = dg.materialize([imported_profiles, imported_evaluation], instance=dg.DagsterInstance.get(),
+                            resources={"bioembed": BioembedHome(root=str(home.root), null_size=null_size)},
+                            run_config=run_config, raise_on_error=False)
+    if not result.success:
+        raise RuntimeError(f"import failed: {_failure_message(result)}")
+    return home, result.output_for_node("imported_profiles")

@@ -28,7 +28,14 @@ CREATE OR REPLACE VIEW embeddings AS SELECT * FROM lake_embeddings;
 -- Per-well profiles (cell -> well aggregation), per encoder and version.
 CREATE OR REPLACE VIEW profiles AS SELECT * FROM lake_well_profiles;
 
--- Normalized well profiles, per encoder, version and recipe.
+-- Feature sets: every encoder version and imported profile table with well profiles in the lake.
+CREATE OR REPLACE VIEW feature_sets AS
+SELECT encoder AS feature_set, encoder_version AS version, count(DISTINCT plate) AS n_plates,
+       count(*) AS n_wells, max(len(features)) AS n_features
+FROM lake_well_profiles
+GROUP BY ALL;
+
+-- Normalized well profiles, per encoder (feature set), version and recipe (name + recipe_steps).
 CREATE OR REPLACE VIEW normalized_profiles AS SELECT * FROM lake_normalized_profiles;
 
 -- Scalar evaluation metrics: encoder, encoder_version, recipe, metric, value.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from bioembed_assets import pipeline
+from bioembed_assets import feature_sets, pipeline
 from bioembed_assets.config import Home
 from bioembed_assets.encoders import build_encoder
 from bioembed_assets.registry import EncoderVersion
@@ -16,7 +16,7 @@ SCREEN = SyntheticScreenConfig(n_plates=3, n_rows=8, n_cols=8, sites_per_well=1,
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[pipeline.Evaluation, pl.DataFrame]:
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[feature_sets.Evaluation, pl.DataFrame]:
     home = Home(root=tmp_path_factory.mktemp("gt")).ensure()
     plates = generate_screen(home.raw_root, SCREEN)
     version = EncoderVersion("classical", "1", run_id="", tags={})
@@ -29,10 +29,10 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[pipeline.Evalua
         pipeline.crop_cells(home, plate)
         pipeline.embed_plate(home, plate, encoder, version)
         pipeline.profile_plate(home, plate, version)
-    pipeline.fit_normalizer(home, version)
+    feature_sets.fit_normalizer(home, version)
     for plate in plates:
-        pipeline.normalize_plate(home, plate, version)
-    return pipeline.evaluate_version(home, version, null_size=2000), ground_truth(SCREEN)
+        feature_sets.normalize_plate(home, plate, version)
+    return feature_sets.evaluate_feature_set(home, version, null_size=2000), ground_truth(SCREEN)
 
 
 def test_active_perturbations_are_retrieved_far_above_inactive(evaluated) -> None:
