@@ -20,8 +20,11 @@ from bioembed_assets import schema as s
 from bioembed_assets.config import Home
 from bioembed_assets.evaluate.batch import batch_effect_scores
 from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
+from bioembed_assets.evaluate.knn import nsc, nscb
+from bioembed_assets.evaluate.pairs import nonreplicate_average_precision
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
-from bioembed_assets.evaluate.retrieval import fraction_retrieved, moa_map, replicate_map
+from bioembed_assets.evaluate.relationships import known_relationship_recall
+from bioembed_assets.evaluate.retrieval import fraction_retrieved, mean_average_precision_by, moa_map, replicate_map
 from bioembed_assets.evaluate.separation import control_z_prime
 from bioembed_assets.profiles.recipe import Recipe
 from bioembed_assets.sources.profile_table import feature_set_dir, load_manifest
@@ -122,13 +125,57 @@ class Evaluation:
         return float(row["value"][0]) if row.height else float("nan")
 
 
-def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES,
-                         null_size: int = 10000, seed: int = 0) -> Evaluation:
-    """Replicate/MoA retrieval, plate effect and control separation of the raw profiles and of each
-    recipe's normalized profiles; stored in the `metrics` and `replicate_map` lake tables.
+def moa_relationships(meta: pl.DataFrame, sep: str = "|") -> pl.DataFrame:
+    """Known relationships from the annotation: every pair of perturbations sharing a MoA label."""
+    ann = (meta.filter(pl.col(s.MOA).is_not_null() & (pl.col(s.CONTROL_TYPE) != s.ControlType.NEGATIVE))
+           .select(pl.col(s.PERTURBATION).cast(pl.Utf8), pl.col(s.MOA).str.split(sep).alias("label"))
+           .explode("label").unique())
+    pairs = ann.join(ann, on="label", suffix="_b").filter(pl.col(s.PERTURBATION) < pl.col(f"{s.PERTURBATION}_b"))
+    return pairs.select(pl.col(s.PERTURBATION).alias("entity1"), pl.col(f"{s.PERTURBATION}_b").alias("entity2")).unique()
 
-    A fitted recipe's replicate mAP is cross-fitted (`evaluate.crossfit`): its negative controls
-    are never the ones the recipe was fitted on.
+
+def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null_size: int, seed: int,
+                      relationships: pl.DataFrame | None) -> tuple[dict[str, float], dict[str, pl.DataFrame]]:
+    """Every metric but the (possibly cross-fitted) activity mAP: non-replicate mAP, MoA mAP, NSC/NSCB,
+    known-relationship recall, plate effect and Z' (NaN where the design does not allow one)."""
+    nan = float("nan")
+    treated = ~is_negative(meta)
+    nonrep_ap = nonreplicate_average_precision(meta.filter(pl.Series(treated)), X[treated])
+    nonrep = mean_average_precision_by(nonrep_ap, [s.PERTURBATION], null_size=null_size, seed=seed)
+    tables = {"replicate": rep, "nonrep": nonrep}
+    scalars = {"replicate_map": rep["mean_average_precision"].mean(), "fraction_retrieved": fraction_retrieved(rep),
+               "nonrep_map": nonrep["mean_average_precision"].mean(), "nonrep_fraction_retrieved": fraction_retrieved(nonrep)}
+    has_moa = meta.filter(pl.Series(treated))[s.MOA].drop_nulls().n_unique() >= 2
+    if has_moa:
+        moa = moa_map(meta, X, null_size=null_size, seed=seed)
+        tables["moa"] = moa
+        scalars |= {"moa_map": moa["mean_average_precision"].mean(), "moa_fraction_retrieved": fraction_retrieved(moa),
+                    "nsc_accuracy": nsc(meta, X).accuracy,
+                    "nscb_accuracy": nscb(meta, X).accuracy if meta[s.PLATE].n_unique() > 1 else nan}
+    pairs = relationships if relationships is not None else (moa_relationships(meta) if has_moa else None)
+    n_perts = meta.filter(pl.Series(treated))[s.PERTURBATION].n_unique()
+    if pairs is not None and pairs.height and n_perts >= 20:
+        recall = known_relationship_recall(meta.filter(pl.Series(treated)), X[treated], pairs)
+        scalars |= {"relationship_recall_5": recall.metrics["recall_0.05_0.95"],
+                    "relationship_recall_10": recall.metrics["recall_0.1_0.9"]}
+    scalars |= batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=treated)
+    positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
+    scalars["control_z_prime"] = control_z_prime(X, positive, is_negative(meta), seed=seed)
+    return scalars, tables
+
+
+def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES,
+                         null_size: int = 10000, seed: int = 0,
+                         relationships: pl.DataFrame | None = None) -> Evaluation:
+    """Score the raw profiles and each recipe's normalized profiles with the same metrics; stored in
+    the `metrics` (scalars) and `replicate_map` (per group: kind replicate / nonrep / moa) tables.
+
+    - replicate mAP vs negative controls, p-values, BH-FDR, fraction retrieved; for a fitted recipe
+      it is cross-fitted (`evaluate.crossfit`): negatives are never controls the recipe was fitted on;
+    - replicate mAP vs non-replicates (other treated perturbations);
+    - MoA mAP, NSC and NSCB nearest-neighbour MoA accuracy (when MoAs are annotated);
+    - known-relationship recall (EFAAR) of `relationships` (default: perturbation pairs sharing a MoA);
+    - plate effect on treated wells (silhouette, kNN accuracy and entropy) and control Z'.
     """
     raw_meta, raw_X = load_profiles(home, "well_profiles", fs)
     names = feature_names(home, fs, raw_X.shape[1])
@@ -143,21 +190,13 @@ def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] 
             rep = cross_fitted_replicate_map(
                 raw_meta, raw_X, lambda spec=spec: _CrossFitRecipe(spec, names, raw_meta[s.PERTURBATION].to_numpy()),
                 null_size=null_size, seed=seed)
-        moa = moa_map(meta, X, null_size=null_size, seed=seed) if meta[s.MOA].null_count() < meta.height else None
-        batch = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=~is_negative(meta))
-        positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
-        batch["control_z_prime"] = control_z_prime(X, positive, is_negative(meta), seed=seed)
-        scalars = {"replicate_map": rep["mean_average_precision"].mean(), "fraction_retrieved": fraction_retrieved(rep),
-                   **batch}
-        if moa is not None:
-            scalars |= {"moa_map": moa["mean_average_precision"].mean(), "moa_fraction_retrieved": fraction_retrieved(moa)}
+        scalars, tables = _retrieval_tables(meta, X, rep, null_size, seed, relationships)
         rows += [(recipe, k, float(v) if v is not None else float("nan")) for k, v in scalars.items()]
-        for kind, df, key in (("replicate", rep, s.PERTURBATION), ("moa", moa, s.MOA)):
-            if df is not None:
-                groups.append(df.select(
-                    pl.lit(recipe).alias(s.RECIPE), pl.lit(kind).alias("kind"), pl.col(key).cast(pl.Utf8).alias("group"),
-                    "mean_average_precision", "p_value", "corrected_p_value", "below_corrected_p"))
-        treated = meta[s.CONTROL_TYPE].to_numpy() != s.ControlType.NEGATIVE
+        for kind, df in tables.items():
+            groups.append(df.select(
+                pl.lit(recipe).alias(s.RECIPE), pl.lit(kind).alias("kind"), pl.col(df.columns[0]).cast(pl.Utf8).alias("group"),
+                "mean_average_precision", "p_value", "corrected_p_value", "below_corrected_p"))
+        treated = ~is_negative(meta)
         colour = meta[s.MOA].fill_null(meta[s.PERTURBATION]).to_numpy()
         plots[f"{recipe}_map"] = embedding_map_png(
             X, {"perturbation / MoA": np.where(treated, colour, "negative control"), "plate": meta[s.PLATE].to_numpy()},
