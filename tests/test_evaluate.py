@@ -282,3 +282,21 @@ def test_embedding_map_png() -> None:
     )
     assert png.startswith(b"\x89PNG")
     assert map_vs_pvalue_png(pl.DataFrame(schema={"mean_average_precision": pl.Float64})).startswith(b"\x89PNG")
+
+
+def test_replicate_map_options_match_the_table_api() -> None:
+    from bioembed_assets.evaluate.pairs import activity_average_precision
+    from bioembed_assets.evaluate.retrieval import mean_average_precision_by
+
+    meta, X = _activity_data(4)
+    meta = pl.from_pandas(meta)
+    for kw in ({}, {"neg_sameby": ["plate"]}, {"neg_sameby": ["plate"], "pos_diffby": ["plate"]}):
+        out = replicate_map(meta, X, null_size=500, null="copairs", **kw)
+        ap = activity_average_precision(meta, X, "perturbation", **kw)
+        ref = mean_average_precision_by(ap, ["perturbation"], 500, null="copairs")
+        assert out.drop("perturbation").equals(ref.drop("perturbation"))
+    # a screen without negative controls is scored leniently (every AP 1), not an error
+    no_ctrl = meta.filter(pl.col("control_type") != "negative")
+    keep = (meta["control_type"] != "negative").to_numpy()
+    out = replicate_map(no_ctrl, X[keep], null_size=100)
+    assert (out["mean_average_precision"] == 1.0).all() and not out["below_corrected_p"].any()

@@ -18,7 +18,6 @@ from bioembed_assets.evaluate.nulls import NullMode, group_p_values
 from bioembed_assets.evaluate.pairs import (
     PairRule,
     Rounding,
-    activity_average_precision,
     ap_core,
     column_codes,
     combine_codes,
@@ -208,13 +207,17 @@ def replicate_map(
     """
     if meta[pert_col].null_count():
         raise ValueError(f"column {pert_col!r} has {meta[pert_col].null_count()} null values")
+    X = _check_x(X, meta.height)
+    n = meta.height
+    pert = meta[pert_col].cast(pl.String).to_numpy()
     negcon = (meta[control_col] == ControlType.NEGATIVE).fill_null(False).to_numpy()
-    ap_df = activity_average_precision(meta.select(pl.col(pert_col).cast(pl.String), *neg_sameby, *pos_diffby),
-                                       X, pert_col, negcon, neg_sameby=neg_sameby, pos_diffby=pos_diffby,
-                                       block_elems=_BLOCK_ELEMS)
-    return mean_average_precision(ap_df["average_precision"].to_numpy(), ap_df["n_pos_pairs"].to_numpy(),
-                                  ap_df["n_total_pairs"].to_numpy(), ap_df[pert_col].to_numpy(), null_size, seed,
-                                  threshold, null=null).rename({"group": pert_col})
+    code = _codes(pert)
+    ref = np.unique(np.where(negcon, np.arange(n), -1), return_inverse=True)[1].reshape(-1).astype(np.int64)
+    pos = PairRule(combine_codes([code, ref], n), tuple(column_codes(meta, c) for c in pos_diffby))
+    neg = PairRule(combine_codes([column_codes(meta, c) for c in neg_sameby], n) if neg_sameby else None, (code, ref))
+    ap, n_pos, n_neg = ap_core(X, pos, neg, "copairs", _BLOCK_ELEMS, strict=False)  # no controls: AP 1, as before
+    return mean_average_precision(ap, n_pos, n_pos + n_neg, pert, null_size, seed, threshold, null=null).rename(
+        {"group": pert_col})
 
 
 def fraction_retrieved(map_df: pl.DataFrame) -> float:

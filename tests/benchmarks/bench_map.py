@@ -9,7 +9,7 @@ Each case runs in a fresh subprocess that loads the data and times only the libr
 the query's plate or all controls) + `mean_average_precision_by` (null_size 10,000, default
 "exact" null); for copairs `assign_reference_index` + `average_precision` +
 `mean_average_precision` (cache_dir in a temporary folder). Peak RSS is the child's
-`ru_maxrss` (data included; loading 1M x 384 float32 alone holds ~1.6 GB) and, separately, the
+VmHWM (data included; loading 1M x 384 float32 alone holds ~1.6 GB) and, separately, the
 peak sampled every 5 ms during the op. Cases: ours and copairs at 10k (plate and all-controls
 negatives) and 50k (plate negatives), ours alone at 50k all-controls, 200k and 1M (plate
 negatives); `--full` adds ours at 200k with all controls (~1-2 min). copairs with all-controls
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,13 @@ CASE_TIMEOUT_S = 600
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _hwm_mb() -> float:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it does not carry the parent's
+    peak over fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e3
 
 
 class _PeakSampler:
@@ -136,7 +142,7 @@ def run_case(impl: str, size: str, neg: str, data: Path, save: Path | None) -> d
     confs = np.unique(np.stack([n_pos, n_total], 1)[(n_pos > 0) & ~np.isnan(ap_v.astype(float))], axis=0)
     out |= {
         "op_s": round(t2 - t0, 3), "ap_s": round(t1 - t0, 3), "map_s": round(t2 - t1, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3),
+        "peak_rss_mb": round(_hwm_mb()),
         "op_peak_rss_mb": round(mem.peak), "pairs": int((n_pos.sum() + (n_total - n_pos).sum()) // 2),
         "null_configs": len(confs), "groups": len(perts), "mean_map": round(float(np.mean(maps)), 4),
         "retrieved_active": round(float(below[act].mean()), 3), "retrieved_inactive": round(float(below[~act].mean()), 3),
@@ -175,9 +181,9 @@ def run(sizes: list[str] | None = None, full: bool = False, out: Path = RESULTS)
     with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
         data, save = Path(tmp) / "data", Path(tmp) / "save"
         save.mkdir()
-        for size in dict.fromkeys(c[1] for c in cases):
+        for size in dict.fromkeys(c[1] for c in cases):  # in a subprocess: this process stays small
             t = time.perf_counter()
-            _make_data(data, size)
+            subprocess.run([sys.executable, __file__, "--make-data", size, "--data", str(data)], check=True, cwd=REPO)
             print(f"data {size}: {time.perf_counter() - t:.1f} s", flush=True)
         for impl, size, neg in cases:
             cmd = [sys.executable, __file__, "--case", impl, size, neg, "--data", str(data)]
@@ -249,11 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also ours at 200k with all-controls negatives")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--case", nargs=3, metavar=("IMPL", "SIZE", "NEG"), help=argparse.SUPPRESS)
+    ap.add_argument("--make-data", choices=list(SIZES), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(*args.case, args.data, args.save)))
+        return 0
+    if args.make_data:
+        _make_data(args.data, args.make_data)
         return 0
     run(args.sizes, args.full, args.out)
     return 0
