@@ -21,7 +21,7 @@ from bioembed_assets.config import Home
 from bioembed_assets.evaluate.batch import batch_effect_scores
 from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
 from bioembed_assets.evaluate.knn import nsc, nscb
-from bioembed_assets.evaluate.pairs import nonreplicate_average_precision
+from bioembed_assets.evaluate.pairs import UnpairedError, nonreplicate_average_precision
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
 from bioembed_assets.evaluate.relationships import known_relationship_recall
 from bioembed_assets.evaluate.retrieval import fraction_retrieved, mean_average_precision_by, moa_map, replicate_map
@@ -140,11 +140,16 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
     known-relationship recall, plate effect and Z' (NaN where the design does not allow one)."""
     nan = float("nan")
     treated = ~is_negative(meta)
-    nonrep_ap = nonreplicate_average_precision(meta.filter(pl.Series(treated)), X[treated])
-    nonrep = mean_average_precision_by(nonrep_ap, [s.PERTURBATION], null_size=null_size, seed=seed)
-    tables = {"replicate": rep, "nonrep": nonrep}
-    scalars = {"replicate_map": rep["mean_average_precision"].mean(), "fraction_retrieved": fraction_retrieved(rep),
-               "nonrep_map": nonrep["mean_average_precision"].mean(), "nonrep_fraction_retrieved": fraction_retrieved(nonrep)}
+    tables = {"replicate": rep}
+    scalars = {"n_features": float(X.shape[1]), "replicate_map": rep["mean_average_precision"].mean(),
+               "fraction_retrieved": fraction_retrieved(rep)}
+    try:
+        nonrep_ap = nonreplicate_average_precision(meta.filter(pl.Series(treated)), X[treated])
+        tables["nonrep"] = mean_average_precision_by(nonrep_ap, [s.PERTURBATION], null_size=null_size, seed=seed)
+        scalars |= {"nonrep_map": tables["nonrep"]["mean_average_precision"].mean(),
+                    "nonrep_fraction_retrieved": fraction_retrieved(tables["nonrep"])}
+    except UnpairedError:  # no treated perturbation has two wells: nothing to retrieve
+        pass
     has_moa = meta.filter(pl.Series(treated))[s.MOA].drop_nulls().n_unique() >= 2
     if has_moa:
         moa = moa_map(meta, X, null_size=null_size, seed=seed)
@@ -158,7 +163,7 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
         recall = known_relationship_recall(meta.filter(pl.Series(treated)), X[treated], pairs)
         scalars |= {"relationship_recall_5": recall.metrics["recall_0.05_0.95"],
                     "relationship_recall_10": recall.metrics["recall_0.1_0.9"]}
-    scalars |= batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=treated)
+    scalars |= batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=treated, groups=meta[s.PERTURBATION].to_numpy())
     positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
     scalars["control_z_prime"] = control_z_prime(X, positive, is_negative(meta), seed=seed)
     return scalars, tables
@@ -175,11 +180,15 @@ def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] 
     - replicate mAP vs non-replicates (other treated perturbations);
     - MoA mAP, NSC and NSCB nearest-neighbour MoA accuracy (when MoAs are annotated);
     - known-relationship recall (EFAAR) of `relationships` (default: perturbation pairs sharing a MoA);
-    - plate effect on treated wells (silhouette, kNN accuracy and entropy) and control Z'.
+    - plate effect on treated wells (silhouette; kNN plate accuracy and entropy among wells of other
+      perturbations) and control Z'.
+    Raw metrics leave out feature columns with NaN/inf (counted as `features_skipped_non_finite`);
+    recipes must deal with them (e.g. `feature_select(nan)` first) or fail with a clear error.
     """
     raw_meta, raw_X = load_profiles(home, "well_profiles", fs)
     names = feature_names(home, fs, raw_X.shape[1])
-    sets = {RAW_RECIPE: (raw_meta, raw_X)}
+    finite = np.isfinite(raw_X).all(axis=0)  # imported tables may have NaN columns: raw metrics skip them
+    sets = {RAW_RECIPE: (raw_meta, raw_X if finite.all() else raw_X[:, finite])}
     sets |= {name: load_profiles(home, "normalized_profiles", fs, recipe=name) for name in recipes}
     rows, groups, plots = [], [], {}
     for recipe, (meta, X) in sets.items():
@@ -191,6 +200,8 @@ def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] 
                 raw_meta, raw_X, lambda spec=spec: _CrossFitRecipe(spec, names, raw_meta[s.PERTURBATION].to_numpy()),
                 null_size=null_size, seed=seed)
         scalars, tables = _retrieval_tables(meta, X, rep, null_size, seed, relationships)
+        if recipe == RAW_RECIPE:
+            scalars["features_skipped_non_finite"] = float((~finite).sum())
         rows += [(recipe, k, float(v) if v is not None else float("nan")) for k, v in scalars.items()]
         for kind, df in tables.items():
             groups.append(df.select(

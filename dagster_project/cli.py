@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "home", None):  # caches (matplotlib's font list) live in the home, not in $HOME
         os.environ.setdefault("MPLCONFIGDIR", str(Path(args.home).expanduser().resolve() / ".cache" / "matplotlib"))
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (RuntimeError, LookupError, ValueError, OSError) as exc:  # bad input or a failed run: say why, no traceback
+        print(f"bioembed {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

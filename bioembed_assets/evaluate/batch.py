@@ -9,10 +9,11 @@ from sklearn.metrics import silhouette_score
 _BLOCK_ELEMS = 1 << 22
 
 
-def _knn_batch_scores(Xn: np.ndarray, codes: np.ndarray, k: int) -> tuple[float, float]:
+def _knn_batch_scores(Xn: np.ndarray, codes: np.ndarray, k: int, groups: np.ndarray | None = None) -> tuple[float, float]:
     """Leave-one-out k-NN (cosine) over the rows: (accuracy of predicting each row's batch by
     majority vote, ties going to the label of the nearest neighbour among the tied labels;
-    mean entropy of the neighbours' batch labels / log(min(k, n_batches)))."""
+    mean entropy of the neighbours' batch labels / log(min(k, n_batches))). Rows of the query's
+    own group (integer codes in `groups`, e.g. its perturbation) are never its neighbours."""
     n = Xn.shape[0]
     k = min(k, n - 1)
     b = max(1, _BLOCK_ELEMS // n)
@@ -21,6 +22,8 @@ def _knn_batch_scores(Xn: np.ndarray, codes: np.ndarray, k: int) -> tuple[float,
         hi = min(lo + b, n)
         S = Xn[lo:hi] @ Xn.T
         S[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # leave self out
+        if groups is not None:
+            S[groups[lo:hi, None] == groups[None, :]] = -np.inf
         nb = np.argpartition(-S, k - 1, axis=1)[:, :k]
         nb = np.take_along_axis(nb, np.argsort(-np.take_along_axis(S, nb, axis=1), axis=1), axis=1)
         lab = codes[nb]  # neighbours by decreasing similarity
@@ -41,6 +44,7 @@ def batch_effect_scores(
     k: int = 5,
     sample_size: int | None = 20000,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Batch mixing on the selected rows (`mask`, e.g. negative controls).
 
@@ -52,6 +56,8 @@ def batch_effect_scores(
     - `batch_knn_entropy`: mixing of the same k neighbours: mean entropy of their batch labels,
       normalised by log(min(k, n_batches)); 1 = every neighbourhood evenly mixed (balanced
       batches), 0 = every neighbourhood from one batch. Higher = less batch effect.
+    `groups` (e.g. the perturbation of each row) excludes same-group rows from each row's kNN
+    neighbours, so replicates that share a plate do not pass for a plate effect.
     NaN scores when fewer than 2 batches or fewer than 3 rows are selected.
     """
     X = np.asarray(X, dtype=np.float64)
@@ -61,6 +67,7 @@ def batch_effect_scores(
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         X, batches = X[mask], batches[mask]
+        groups = None if groups is None else np.asarray(groups)[mask]
     if not np.isfinite(X).all():
         raise ValueError("X has non-finite values (NaN/inf)")
     uniq, codes = np.unique(batches, return_inverse=True)
@@ -78,5 +85,6 @@ def batch_effect_scores(
     if len(uniq) < X.shape[0]:
         n_s = None if sample_size is None or sample_size >= X.shape[0] else sample_size
         out["batch_silhouette"] = float(silhouette_score(Xn, codes, metric="cosine", sample_size=n_s, random_state=seed))
-    out["batch_knn_accuracy"], out["batch_knn_entropy"] = _knn_batch_scores(Xn, codes, k)
+    group_codes = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    out["batch_knn_accuracy"], out["batch_knn_entropy"] = _knn_batch_scores(Xn, codes, k, group_codes)
     return out
