@@ -10,8 +10,8 @@ from bioembed_assets.store.catalog import connect, example_queries
 
 _METRICS_SQL = """
 SELECT encoder, encoder_version, recipe, metric, value FROM metrics
-WHERE metric IN ('replicate_map', 'fraction_retrieved', 'moa_map', 'moa_fraction_retrieved',
-                 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance', 'control_z_prime')
+WHERE metric IN ('replicate_map', 'fraction_retrieved', 'nonrep_map', 'moa_map', 'moa_fraction_retrieved',
+                 'nsc_accuracy', 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance', 'control_z_prime')
 """
 
 _GROUND_TRUTH_SQL = """
@@ -51,12 +51,12 @@ def run_example(catalog: Path, name: str) -> tuple[str, pl.DataFrame]:
 
 def format_metrics(df: pl.DataFrame) -> str:
     """A compact text table of `metrics_table` for terminals."""
-    cols = {"replicate_map": "rep mAP", "fraction_retrieved": "retrieved", "moa_map": "MoA mAP",
-            "moa_fraction_retrieved": "MoA retr.", "batch_knn_accuracy": "plate kNN acc",
-            "batch_silhouette": "plate silh.", "control_z_prime": "Z'"}
-    header = f"{'encoder':<12}{'ver':>4}  {'recipe':<7}" + "".join(f"{v:>14}" for v in cols.values())
+    cols = {"replicate_map": "rep mAP", "fraction_retrieved": "retrieved", "nonrep_map": "nonrep mAP",
+            "moa_map": "MoA mAP", "moa_fraction_retrieved": "MoA retr.", "nsc_accuracy": "NSC",
+            "batch_knn_accuracy": "plate kNN", "control_z_prime": "Z'"}
+    header = f"{'encoder':<12}{'ver':>4}  {'recipe':<7}" + "".join(f"{v:>11}" for v in cols.values())
     lines = [header, "-" * len(header)]
     for r in df.iter_rows(named=True):
-        vals = "".join(f"{r.get(k, float('nan')):>14.3f}" for k in cols)
+        vals = "".join(f"{r.get(k) if r.get(k) is not None else float('nan'):>11.3f}" for k in cols)
         lines.append(f"{r['encoder']:<12}{r['encoder_version']:>4}  {r['recipe']:<7}{vals}")
     return "\n".join(lines)

@@ -19,9 +19,10 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     home = outcome.home
     print("\nPer encoder (raw = well medians, card = PCA on controls + per-plate scaling):")
     print(format_metrics(metrics_table(home.catalog_path)))
-    print("  rep mAP / retrieved: replicate mAP vs negative controls / fraction with BH-FDR < 0.05")
-    print("  plate kNN acc: leave-one-out plate prediction of treated wells (lower = less plate effect;"
-          " chance = 1/plates)")
+    print("  rep mAP / retrieved: replicate mAP vs negative controls / fraction with BH-FDR < 0.05;"
+          " nonrep mAP: vs other perturbations")
+    print("  NSC: nearest-neighbour MoA accuracy, other compounds only; plate kNN: leave-one-out plate prediction"
+          " of treated wells from other perturbations (lower = less plate effect; chance = 1/plates)")
     print("  Z': positive vs negative control wells on a cross-fitted 1-D projection (> 0.5 excellent)")
     if ground_truth is not None and ground_truth.exists():
         print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")
