@@ -305,6 +305,8 @@ class Recipe:
                    upto: int | None = None) -> None:
         """Fit steps[:upto] (all by default) in order, each on its fit rows after the previous ones."""
         for i, step in enumerate(self.steps[:upto]):
+            if step.fitted:  # reused from the full fit (see _tune)
+                continue
             if getattr(step, "needs_tuning", False):
                 self._tune(i, X, codes, labels, ctrl, pert)
             rows = step.fit_rows(ctrl)
@@ -328,7 +330,11 @@ class Recipe:
         step = self.steps[i]
         fit_ctrl, eval_rows = tuning_split(codes, len(labels), labels, ctrl, pert, step.opts["seed"], step.name)
         assert pert is not None
-        half = Recipe([s.fresh() for s in self.steps[:i]] + [step])
+        # steps fitted on all rows (none before them on controls) do not depend on the split: reuse them
+        shared = 0
+        while shared < i and self.steps[shared].opts.get("on") == "all" and not getattr(self.steps[shared], "needs_tuning", 0):
+            shared += 1
+        half = Recipe(self.steps[:shared] + [s.fresh() for s in self.steps[shared:i]] + [step])
         half.in_features_ = self.in_features_
         half._fit_steps(X, codes, labels, fit_ctrl, pert, upto=i)
         train_rows = step.fit_rows(fit_ctrl)

@@ -15,7 +15,8 @@ does); statistics come from the fit rows (`on=all`, default, or `on=controls`):
 - `correlation`: Pearson correlation matrix of the features (pairwise-complete rows when NaN are
   present, as pandas); every feature gets the sum of its absolute correlations; for every pair
   with correlation (signed) above `corr_threshold`, the member with the larger sum is dropped,
-  all pairs at once (pycytominer `correlation_threshold`; equal sums are broken by column order).
+  all pairs at once (pycytominer `correlation_threshold`; equal sums, e.g. of duplicated columns,
+  are ordered by numpy's default quicksort, as pandas' `sort_values` orders them there).
 - `blocklist`: drop the listed feature names that are present; `@default` stands for the
   known-noisy CellProfiler features of pycytominer's default blocklist (`default_blocklist.txt`).
 
@@ -87,19 +88,21 @@ def frequency_stats(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         valid = ~np.isnan(T)
         start = valid.copy()
         start[:, 1:] &= T[:, 1:] != T[:, :-1]
-        n_unique[lo : lo + b] = start.sum(axis=1)
-        pos = np.flatnonzero(start)  # run starts, row-major over (column, sorted position)
+        runs = start.sum(axis=1)
+        n_unique[lo : lo + b] = runs
+        # run lengths, grouped by column (row-major order of the run starts)
+        pos = np.flatnonzero(start)
         col = pos // n
-        same = np.append(col[1:] == col[:-1], False)
-        end = np.where(same, np.append(pos[1:], 0), col * n + valid.sum(axis=1)[col])
-        length = end - pos
-        o = np.lexsort((-length, col))
-        col_o, len_o = col[o], length[o]
-        first = np.flatnonzero(np.r_[True, col_o[1:] != col_o[:-1]])
-        has2 = (first + 1 < col_o.size) & (col_o[np.minimum(first + 1, col_o.size - 1)] == col_o[first])
-        top1 = len_o[first].astype(np.float64)
-        top2 = np.where(has2, len_o[np.minimum(first + 1, col_o.size - 1)], 0)
-        ratio[lo + col_o[first]] = top2 / top1
+        nxt = np.append(pos[1:], 0)
+        last = np.append(col[1:] != col[:-1], True)
+        length = np.where(last, col * n + valid.sum(axis=1)[col], nxt) - pos
+        has = runs > 0
+        first = np.concatenate([[0], np.cumsum(runs)[:-1]])[has]
+        top1 = np.maximum.reduceat(length, first)
+        n_top = np.add.reduceat((length == np.repeat(top1, runs[has])).astype(np.int64), first)
+        below = np.where(length < np.repeat(top1, runs[has]), length, 0)
+        top2 = np.where(n_top > 1, top1, np.maximum.reduceat(below, first))
+        ratio[lo + np.flatnonzero(has)] = np.where(runs[has] > 1, top2 / top1, 0.0)
     return ratio, n_unique
 
 
@@ -133,7 +136,7 @@ def correlated_to_drop(R: np.ndarray, threshold: float) -> np.ndarray:
     """Indices dropped by pycytominer's correlation_threshold rule on correlation matrix R."""
     total = np.nansum(np.abs(R), axis=0)
     rank = np.empty(total.size, dtype=np.int64)
-    rank[np.argsort(total, kind="stable")] = np.arange(total.size)
+    rank[np.argsort(total, kind="quicksort")] = np.arange(total.size)  # pandas' default sort: same order of ties
     with np.errstate(invalid="ignore"):
         a, b = np.nonzero(np.tril(R > threshold, k=-1))
     return np.unique(np.where(rank[a] > rank[b], a, b))

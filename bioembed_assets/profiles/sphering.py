@@ -42,7 +42,7 @@ REG_GRID = tuple(float(v) for v in np.logspace(-5, 3, 25))
 METHODS = ("pca", "zca", "pca-cor", "zca-cor")
 _COLLINEAR_REL = 1e-10  # an eigenvalue below this fraction of the largest means exact collinearity
 _ACCUM_ROWS = 1 << 16  # rows per chunk when accumulating the scatter matrix
-MAX_EVAL_TREATED, MAX_EVAL_CONTROLS, SCORE_NULL_SIZE = 4000, 4000, 100
+MAX_EVAL_TREATED, MAX_EVAL_CONTROLS, SCORE_NULL_SIZE = 2000, 2000, 100
 
 
 def _names(features: list[str], idx: np.ndarray, limit: int = 8) -> list[str]:

@@ -11,7 +11,7 @@ Per-batch statistics are computed after one stable sort of the rows by batch (co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -135,19 +135,6 @@ class FitData:
     def n(self) -> int:
         return self.X.shape[0]
 
-    def subset(self, keep: np.ndarray) -> FitData:
-        return FitData(self.X[keep], self.batch[keep], self.labels, self.control[keep], self.features, self.rows[keep],
-                       None if self.perturbation is None else self.perturbation[keep])
-
-
-@dataclass
-class BatchTables:
-    """Per-batch arrays of a step for one `transform` call: `index[code]` is the table row of a
-    call-level batch code; `arrays` are (n_table_rows, ...) arrays."""
-
-    index: np.ndarray
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
 
 class Step:
     """A fit/transform step with a canonical `spec`, JSON params and numpy arrays.
@@ -168,7 +155,10 @@ class Step:
         for key, value in opts.items():
             if key not in known:
                 raise ValueError(f"step {self.name!r} has no option {key!r}; known options: {sorted(known)}")
-            self.opts[key] = known[key].parse(value)
+            try:
+                self.opts[key] = known[key].parse(value)
+            except ValueError as e:
+                raise ValueError(f"{self.name}: {e}") from None
         for o in self.all_options():
             self.opts.setdefault(o.name, o.parse(o.default) if isinstance(o.default, str) else o.default)
         self.check_options()

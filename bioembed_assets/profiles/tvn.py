@@ -18,9 +18,12 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from bioembed_assets.profiles.normalize import _batch_scalers, control_pca, fit_pca_centerscale, project_scale
 from bioembed_assets.profiles.steps import (
@@ -36,8 +39,6 @@ from bioembed_assets.profiles.steps import (
     grouped_rows,
     int_opt,
 )
-
-_EIGH_BLOCK = 32  # covariance matrices decomposed per batched eigh call
 
 
 def _n_components(opt: int | str, n_ctrl: int, d: int, step: str) -> int:
@@ -113,24 +114,46 @@ def _scaler(Z: np.ndarray, groups: Groups | None) -> tuple[np.ndarray, np.ndarra
     return mean, std
 
 
+def _inv_sqrt_from_rows(A: np.ndarray, lam: float) -> np.ndarray:
+    """(A'A / (n - 1) + lam I)^(-1/2) for centred rows A (n x k) with n <= k, from the n x n Gram
+    matrix: with A A' / (n - 1) = U diag(s) U', the covariance has eigenvectors V = A' U diag(((n-1) s)^-1/2)
+    for s > 0 and eigenvalue 0 elsewhere, so the result is lam^-1/2 I + V diag((s + lam)^-1/2 - lam^-1/2) V'."""
+    n, k = A.shape
+    s, U = np.linalg.eigh(A @ A.T / (n - 1))
+    keep = s > 1e-12 * max(s[-1], lam)
+    s, U = s[keep], U[:, keep]
+    V = (A.T @ U) / np.sqrt((n - 1) * s)
+    M = (V * ((s + lam) ** -0.5 - lam**-0.5)) @ V.T
+    M.flat[:: k + 1] += lam**-0.5
+    return M
+
+
+def _inv_sqrt_from_cov(A: np.ndarray, lam: float) -> np.ndarray:
+    """(A'A / (n - 1) + lam I)^(-1/2) for centred rows A (n x k), from the k x k covariance."""
+    C = A.T @ A / (A.shape[0] - 1)
+    C.flat[:: C.shape[0] + 1] += lam
+    vals, vecs = np.linalg.eigh(C)
+    return (vecs / np.sqrt(vals)) @ vecs.T
+
+
 def coral_matrices(Z: np.ndarray, groups: Groups, lam: float) -> np.ndarray:
-    """(cov_ddof1(rows of group b) + lam I)^(-1/2) for every group (all with >= 2 rows): (B, k, k)."""
+    """(cov_ddof1(rows of group b) + lam I)^(-1/2) for every group (all with >= 2 rows): (B, k, k).
+
+    From the k x k covariance, or from the n x n Gram matrix of groups with n <= k rows (cheaper,
+    same matrix). The many small eigendecompositions run single-threaded inside BLAS/LAPACK, one
+    group per worker thread: multithreaded LAPACK on a 300 x 300 matrix is slower than one thread,
+    and much slower when other processes share the cores."""
     k = Z.shape[1]
     Zs = Z[groups.order]
     out = np.empty((groups.counts.size, k, k))
-    covs = np.empty((min(_EIGH_BLOCK, groups.counts.size), k, k))
-    slices = groups.slices()
-    for lo in range(0, len(slices), _EIGH_BLOCK):
-        part = slices[lo : lo + _EIGH_BLOCK]
-        for i, (_, sl) in enumerate(part):
-            block = Zs[sl] - Zs[sl].mean(axis=0)
-            np.matmul(block.T, block, out=covs[i])
-            covs[i] /= sl.stop - sl.start - 1
-            covs[i].flat[:: k + 1] += lam
-        vals, vecs = np.linalg.eigh(covs[: len(part)])
-        mats = (vecs / np.sqrt(vals)[:, None, :]) @ vecs.transpose(0, 2, 1)
-        for i, (g, _) in enumerate(part):
-            out[g] = mats[i]
+
+    def one(item: tuple[int, slice]) -> None:
+        g, sl = item
+        A = Zs[sl] - Zs[sl].mean(axis=0)
+        out[g] = _inv_sqrt_from_rows(A, lam) if A.shape[0] <= k else _inv_sqrt_from_cov(A, lam)
+
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, groups.slices()))
     return out
 
 
