@@ -8,7 +8,7 @@ import polars as pl
 
 from bioembed_assets import feature_sets, pipeline
 from bioembed_assets.inference import resolve_device
-from bioembed_assets.sources.profile_table import ProfileImportSpec, import_profiles
+from bioembed_assets.sources.profile_table import ProfileImportSpec, SavedImport, import_profiles, save_import, saved_imports
 from bioembed_assets.store.catalog import build_catalog
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
@@ -175,10 +175,12 @@ def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.
 
 
 class ProfileImportConfig(dg.Config):
-    """An external well-level profile table to import as a feature set (see README: Bring your own profiles)."""
+    """An external well-level profile table to import as a feature set (see README: Bring your own
+    profiles). With `name` and `files` it is registered in the home; every registered import is
+    then (re)imported, so "Materialize all" needs no config and re-imports unchanged tables as no-ops."""
 
-    name: str
-    files: list[str]
+    name: str = ""
+    files: list[str] = []
     plate_col: str = "Metadata_Plate"
     well_col: str = "Metadata_Well"
     perturbation_cols: list[str] = ["Metadata_broad_sample"]
@@ -191,26 +193,35 @@ class ProfileImportConfig(dg.Config):
 
 @dg.asset(group_name=IMPORT, kinds={"parquet"})
 def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportConfig,
-                      bioembed: BioembedHome) -> dict:
-    """Well-level profiles from pycytominer/JUMP-style tables, stored as a named, versioned feature set."""
-    spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes"}))
-    result = import_profiles(bioembed.home().root, config.files, spec)
-    context.add_output_metadata({"feature_set": result.name, "version": result.version, "wells": result.rows,
-                                 "plates": len(result.plates), "features": len(result.features),
-                                 "features_dropped_by_intersection": result.dropped_features})
-    return {"name": result.name, "version": result.version, "recipes": config.recipes}
+                      bioembed: BioembedHome) -> list[dict]:
+    """Well-level profiles from pycytominer/JUMP-style tables, stored as named, versioned feature sets."""
+    root = bioembed.home().root
+    if config.name or config.files:
+        spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes"}))
+        save_import(root, SavedImport(spec=spec, files=config.files, recipes=config.recipes))
+    done, rows = [], []
+    for saved in saved_imports(root):
+        result = import_profiles(root, saved.files, saved.spec)
+        done.append({"name": result.name, "version": result.version, "recipes": saved.recipes})
+        rows.append((result.name, result.version, result.rows, len(result.plates), len(result.features)))
+    table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features"], orient="row")
+    context.add_output_metadata({"imports": dg.MetadataValue.md(markdown_table(table))})
+    return done
 
 
 @dg.asset(group_name=IMPORT, kinds={"duckdb"})
-def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: dict,
+def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: list[dict],
                         bioembed: BioembedHome) -> dg.MaterializeResult:
-    """The imported feature set normalized with its recipes and evaluated like any embedding."""
+    """Each imported feature set normalized with its recipes and evaluated like any embedding."""
     home = bioembed.home()
-    fs = feature_sets.FeatureSetRef(imported_profiles["name"], imported_profiles["version"])
-    feature_sets.normalize_feature_set(home, fs, imported_profiles["recipes"])
-    result = feature_sets.evaluate_feature_set(home, fs, imported_profiles["recipes"], null_size=bioembed.null_size)
+    meta: dict[str, dg.MetadataValue] = {}
+    for imported in imported_profiles:
+        fs = feature_sets.FeatureSetRef(imported["name"], imported["version"])
+        feature_sets.normalize_feature_set(home, fs, imported["recipes"])
+        result = feature_sets.evaluate_feature_set(home, fs, imported["recipes"], null_size=bioembed.null_size)
+        meta |= _evaluation_metadata(result, f"{fs.name}_")
     build_catalog(home.catalog_path, home.lake)
-    return dg.MaterializeResult(metadata=_evaluation_metadata(result, ""))
+    return dg.MaterializeResult(metadata=meta)
 
 
 PER_PLATE_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, embeddings, well_profiles]

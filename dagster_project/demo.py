@@ -131,8 +131,9 @@ def run_with_config(home_dir: str | Path, config: RunConfig, null_size: int = 10
 
 
 def import_with_dagster(home_dir: str | Path, import_config: dict, null_size: int = 10000) -> tuple[Home, dict]:
-    """Materialize `imported_profiles` -> `imported_evaluation` in-process with `import_config`
-    (the fields of `ProfileImportConfig`); returns the home and the imported set's name/version."""
+    """Register the import `import_config` (the fields of `ProfileImportConfig`) and materialize
+    `imported_profiles` -> `imported_evaluation` in-process; returns the home and the imported set's
+    name/version."""
     home = use_home(home_dir)
     run_config = {**_QUIET, "ops": {"imported_profiles": {"config": import_config}}}
     result = dg.materialize([imported_profiles, imported_evaluation], instance=dg.DagsterInstance.get(),
@@ -140,4 +141,5 @@ def import_with_dagster(home_dir: str | Path, import_config: dict, null_size: in
                             run_config=run_config, raise_on_error=False)
     if not result.success:
         raise RuntimeError(f"import failed: {_failure_message(result)}")
-    return home, result.output_for_node("imported_profiles")
+    imported = result.output_for_node("imported_profiles")
+    return home, next(i for i in imported if i["name"] == import_config["name"])

@@ -107,3 +107,13 @@ def test_reimport_replaces_the_version_atomically(tmp_path: Path) -> None:
     import_profiles(tmp_path, [a], spec)
     assert sorted(p.relative_to(lake) for p in lake.rglob("*.parquet")) == before
     assert not any((lake / ".staging").iterdir())  # no temporary folders left behind
+
+
+def test_registered_imports_round_trip(tmp_path: Path) -> None:
+    from bioembed_assets.sources.profile_table import SavedImport, save_import, saved_imports
+
+    assert saved_imports(tmp_path) == []
+    saved = SavedImport(spec=ProfileImportSpec(name="t", moa_col="Metadata_moa"), files=["/data/a.csv"],
+                        recipes={"card": "card", "jump": "jump"})
+    save_import(tmp_path, saved)
+    assert saved_imports(tmp_path) == [saved]

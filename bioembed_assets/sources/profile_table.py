@@ -252,3 +252,26 @@ def latest_version(home_root: str | Path, name: str) -> str:
     if not found:
         raise LookupError(f"no imported feature set named {name!r}; run `bioembed import-profiles` first")
     return str(max(found))
+
+
+class SavedImport(BaseModel):
+    """An import registered in the home (`feature_sets/<name>/import.json`), re-run by the Dagster asset."""
+
+    spec: ProfileImportSpec
+    files: list[str]
+    recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
+
+
+def save_import(home_root: str | Path, saved: SavedImport) -> Path:
+    """Register `saved` so that materializing `imported_profiles` (re)imports it."""
+    path = feature_set_dir(Path(home_root), saved.spec.name) / "import.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(saved.model_dump_json(indent=1))
+    return path
+
+
+def saved_imports(home_root: str | Path) -> list[SavedImport]:
+    """Every import registered in the home, by feature-set name."""
+    files = sorted((Path(home_root) / "feature_sets").glob("*/import.json"))
+    return [SavedImport.model_validate_json(f.read_text()) for f in files]
