@@ -30,7 +30,7 @@ def _counts(home: Path) -> dict[str, int]:
 def test_demo_reports_and_is_safe_to_rerun(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
     out = _demo(home)
-    for expected in ("Per encoder", "ca_mae", "classical", "rep mAP", "plate kNN acc", "Ground truth",
+    for expected in ("Per encoder", "ca_mae", "classical", "rep mAP", "nonrep mAP", "NSC", "plate kNN", "Ground truth",
                      "DuckDB catalog:", "Example query", "dagster dev", "mlflow ui", "Finished in", "untrained"):
         assert expected in out, expected
     first = _counts(home)
