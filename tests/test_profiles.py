@@ -135,7 +135,9 @@ def test_pca_centerscale_unseen_batch_fits_its_own_scaler() -> None:
     fit = plates != "P3"
     model = PCACenterScale().fit(X[fit], plates[fit], ctrl[fit])
     out = model.transform(X, plates, ctrl)
-    np.testing.assert_array_equal(out[fit], model.transform(X[fit], plates[fit]))
+    # float32 rows are projected in float32: a row's value may differ in the last bit with the other
+    # rows of the call (the BLAS kernel handles the last rows of a block differently)
+    np.testing.assert_allclose(out[fit], model.transform(X[fit], plates[fit]), rtol=1e-6, atol=1e-6)
     m = plates == "P3"
     Y = (X[m].astype(np.float64) - model.mean_) @ model.components_.T
     ref = StandardScaler().fit(Y[ctrl[m]]).transform(Y)

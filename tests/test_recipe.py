@@ -168,10 +168,73 @@ def test_per_batch_statistics_do_not_depend_on_row_order() -> None:
     """Rows grouped by plate (runs, broadcast) and shuffled (gathered) give the same numbers."""
     X, plates, ctrl, _ = _plates(4)
     perm = np.random.default_rng(0).permutation(X.shape[0])
-    for spec in ("standardize", "mad", "tvn(by=batch)", "card"):
+    for spec in ("standardize", "mad", "tvn(by=batch)", "card", "tvn"):
         a = Recipe.parse(spec).fit(X, plates, ctrl).transform(X, plates)
         b = Recipe.parse(spec).fit(X[perm], plates[perm], ctrl[perm]).transform(X[perm], plates[perm])
         np.testing.assert_allclose(a[perm], b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def screen() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic screen profiles (heteroscedastic features, rank-16 signal, plate shift and scale):
+    16 plates of 384 wells with 100 controls each (fewer per plate than features: CORAL from the
+    Gram matrix), 128 float32 features, 1600 controls (>= 10 d: PCA from the scatter matrix)."""
+    meta, X = generate_profiles(SyntheticProfilesConfig(n_rows=6000, n_features=128, wells_per_plate=384,
+                                                        controls_per_plate=100, seed=3))
+    return X, meta["plate"].to_numpy(), (meta["control_type"] == "negative").to_numpy()
+
+
+@pytest.mark.parametrize("spec", ["card", "tvn", "tvn(by=batch)", "tvn(coral=false)"])
+def test_float32_rows_are_computed_in_float32_and_agree_with_float64(spec: str, screen) -> None:
+    """float32 rows: float32 products, float64 statistics. The fitted statistics match the float64
+    fit of the same numbers to float64 rounding; transformed rows to 1e-4 of each component's scale."""
+    X, plates, ctrl = screen
+    r32 = Recipe.parse(spec).fit(X, plates, ctrl)
+    r64 = Recipe.parse(spec).fit(X.astype(np.float64), plates, ctrl)
+    (_, a32), (_, a64) = r32.steps[0].state(), r64.steps[0].state()
+    np.testing.assert_allclose(a32["components"], a64["components"], atol=1e-8)  # the same PCA (float64 scatter)
+    for key in ("mean", "mu1", "sd1"):
+        if key in a64:
+            np.testing.assert_allclose(a32[key], a64[key], rtol=1e-12, atol=1e-12)
+    y32, y64 = r32.transform(X, plates), r64.transform(X.astype(np.float64), plates)
+    assert y32.dtype == y64.dtype == np.float32
+    err = np.abs(y32.astype(np.float64) - y64).max(axis=0) / y64.std(axis=0)
+    assert err.max() < 1e-4, (spec, err.max())
+    if spec == "card":  # each plate's controls standardized, in float32 too
+        for p in np.unique(plates)[:3]:
+            c = y32[(plates == p) & ctrl].astype(np.float64)
+            np.testing.assert_allclose(c.mean(0), 0, atol=1e-5)
+            np.testing.assert_allclose(c.std(0), 1, atol=1e-5)
+
+
+def test_chunked_transform_agrees_and_names_the_first_bad_row(screen, monkeypatch) -> None:
+    """Many small chunks (rows of a plate split across chunks, composed CORAL matrices reused): the
+    same numbers as one chunk; a NaN/inf in a late chunk is reported with its global row and feature."""
+    import bioembed_assets.profiles.steps as steps_mod
+
+    X, plates, ctrl = screen
+    recipes = {spec: Recipe.parse(spec).fit(X, plates, ctrl) for spec in ("card", "tvn")}
+    whole = {spec: r.transform(X, plates) for spec, r in recipes.items()}
+    model = PCACenterScale().fit(X, plates, ctrl)
+    assert np.array_equal(whole["card"], model.transform(X, plates))
+    monkeypatch.setattr(steps_mod, "CHUNK_ELEMS", 128 * 250)  # 250-row chunks, plates of ~370 rows
+    # float32 rounding only (the BLAS kernel rounds the last rows of a block differently; tvn: runs of <= d
+    # rows take two thin products instead of the composed map), relative to each component's scale
+    chunked = {spec: r.transform(X, plates) for spec, r in recipes.items()} | {"model": model.transform(X, plates)}
+    for spec, y in chunked.items():
+        ref = whole["card" if spec == "model" else spec]
+        assert (np.abs(y - ref).max(axis=0) / ref.std(axis=0)).max() < 2e-5, spec
+    bad = X.copy()
+    bad[4321, 77] = np.inf
+    bad[5000, 3] = np.nan
+    for r in recipes.values():
+        with pytest.raises(ValueError, match=r"non-finite values \(NaN/inf\) in \d+ row\(s\).*first at row 4321, feature "
+                                             r"'feature_77' \(value inf\)"):
+            r.transform(bad, plates)
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN/inf\), first at row 4321"):
+        model.transform(bad, plates)
+    with pytest.raises(ValueError, match=r"non-finite.*row 4321, feature 'feature_77'"):
+        Recipe.parse("tvn").fit(bad, plates, np.ones_like(ctrl))
 
 
 def test_feature_selection_names_and_nan_handling() -> None:

@@ -15,9 +15,10 @@ relevant options written out in a fixed order, so equal recipes have equal specs
 recorded with normalized rows.
 
 Fitting runs the steps in order; step i is fitted on its fit rows (controls or all rows) after
-steps 0..i-1, and all row data passes through the steps in chunks (float64 inside a chunk,
-float32 output). A `sphere(reg=auto)` step is tuned on a per-batch half of the controls with the
-preceding steps refitted on that half, and scored against the other half (see `sphering.py`).
+steps 0..i-1, and all row data passes through the steps in chunks of a few MiB (float32 rows are
+computed in float32 by the PCA-based steps, with float64 statistics; float32 output). A
+`sphere(reg=auto)` step is tuned on a per-batch half of the controls with the preceding steps
+refitted on that half, and scored against the other half (see `sphering.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from bioembed_assets.profiles.scaling import MadRobustize, Standardize
 from bioembed_assets.profiles.selection import FeatureSelect
 from bioembed_assets.profiles.sphering import Sphere, tuning_split
-from bioembed_assets.profiles.steps import FitData, Step, check_finite, rows_per_chunk
+from bioembed_assets.profiles.steps import FitData, Step, check_finite, empty_touched, label_codes, rows_per_chunk
 from bioembed_assets.profiles.tvn import TVN, PCACenterScaleStep
 from bioembed_assets.store.atomic import atomic_dir
 
@@ -180,8 +181,8 @@ def _per_row(values: Any, n: int, what: str) -> np.ndarray:
 
 def _batch_codes(batches: Any, n: int) -> tuple[list[str], np.ndarray]:
     arr = _per_row(batches, n, "batches")
-    labels, codes = np.unique(arr.astype(str), return_inverse=True)
-    return labels.tolist(), codes.reshape(-1).astype(np.int64)
+    labels, codes = label_codes(arr.astype(str), n)
+    return labels.tolist(), codes.astype(np.int64, copy=False)
 
 
 Plan = list[tuple[Step, np.ndarray, dict[str, np.ndarray]]]
@@ -196,26 +197,34 @@ def _run(plan: Plan, X: np.ndarray, rows: np.ndarray | None, codes: np.ndarray, 
     n = X.shape[0] if rows is None else rows.size
     step = rows_per_chunk(max([X.shape[1]] + [s.width() for s, _, _ in plan]))
     if not plan and out_dtype is None:
+        Z = X if rows is None else X[rows]  # one gather, then checked chunk by chunk
         if check_at == 0:
             for lo in range(0, n, step):
-                idx = slice(lo, lo + step) if rows is None else rows[lo : lo + step]
-                check_finite(X[idx], lo if rows is None else rows[lo : lo + step], check_names)
-        return X if rows is None else X[rows]
+                check_finite(Z[lo : lo + step], lo if rows is None else rows[lo : lo + step], check_names)
+        return Z
     out: np.ndarray | None = None
+    last = len(plan) - 1
+    into = bool(plan) and getattr(plan[-1][0], "writes_out", False)  # the last step can write into `out`
     for lo in range(0, max(n, 1), step):
         hi = min(lo + step, n)
         idx = slice(lo, hi) if rows is None else rows[lo:hi]
         Z, c = X[idx], codes[idx]
         ids: np.ndarray | int = lo if rows is None else rows[lo:hi]
+        dest = None if out is None else out[lo:hi]
         for j, (s, lut, tables) in enumerate(plan):
             if j == check_at:
                 check_finite(Z, ids, check_names)
-            Z = s.apply(Z, lut[c], tables)
+            if j == last and into and dest is not None:
+                Z = s.apply(Z, lut[c], tables, out=dest)
+            else:
+                Z = s.apply(Z, lut[c], tables)
         if len(plan) == check_at:
             check_finite(Z, ids, check_names)
         if out is None:
-            out = np.empty((n, Z.shape[1]), dtype=out_dtype or Z.dtype)
-        out[lo:hi] = Z
+            out = empty_touched((n, Z.shape[1]), out_dtype or Z.dtype)
+            out[lo:hi] = Z
+        elif Z is not dest:
+            out[lo:hi] = Z
     assert out is not None
     return out
 
@@ -313,7 +322,7 @@ class Recipe:
             idx = np.arange(X.shape[0]) if rows is None else rows
             Z = self._through_fitted(i, X, rows, codes, len(labels))
             step.fit(FitData(Z, codes[idx], labels, ctrl[idx], self._features_before(i), idx,
-                             None if pert is None else pert[idx]))
+                             None if pert is None else pert[idx], owned=not np.may_share_memory(Z, X)))
 
     def _through_fitted(self, i: int, X: np.ndarray, rows: np.ndarray | None, codes: np.ndarray, n_labels: int) -> np.ndarray:
         """Rows of X through steps[:i], fitted in the current fit call (their tables cover every

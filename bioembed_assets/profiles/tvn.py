@@ -14,30 +14,53 @@
   Features constant on the controls get scale 1 (centred only), as StandardScaler.
   In `transform` stages 1-3 are one affine map per batch, composed with the batch's CORAL matrix
   when the batch has more rows than components (one GEMM per row instead of two).
+
+Precision (both steps): float32 rows are centred, projected and scaled in float32 (the row-sized
+GEMMs, as scikit-learn does for float32 input); the statistics are float64: means and stds of
+float32 values, the PCA scatter matrix (from float64 blocks of the rows, so the components equal
+those of a float64 fit of the same numbers). Only the per-batch CORAL matrices (small Gram
+products and ~300 x 300 eigendecompositions, the bulk of tvn's fit) are computed and kept in
+float32 for float32 rows; transformed rows then differ from the float64 path's by ~1e-5 of each
+component's scale at most (tests: < 1e-4). float64 rows take the float64 path throughout.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from scipy import linalg
 from threadpoolctl import threadpool_limits
 
-from bioembed_assets.profiles.normalize import _batch_scalers, control_pca, fit_pca_centerscale, project_scale
+from bioembed_assets.profiles.normalize import (
+    _SCATTER_ROWS,
+    _batch_scalers,
+    axes_from_rows,
+    axes_from_scatter,
+    fit_pca_centerscale,
+    project_in_place,
+    project_scale,
+)
 from bioembed_assets.profiles.steps import (
     FitData,
     Groups,
     Step,
-    as_float64,
-    batch_mean_std,
+    batch_affine,
+    block_mean_std,
     bool_opt,
+    cast_cached,
     choice_opt,
     constant_mask,
+    contiguous_groups,
     float_opt,
     grouped_rows,
     int_opt,
+    noise_floor,
+    runs,
+    work_dtype,
 )
 
 
@@ -61,30 +84,33 @@ class PCACenterScaleStep(Step):
     name = "pca_centerscale"
     options = (int_opt("n_components", "all", special=("all",), help="PCA components kept (all = min(n_ctrl - 1, d))"),)
     summary = "OpenPhenom card: PCA on pooled controls, then per-batch StandardScaler on each batch's controls"
+    writes_out = True  # apply(..., out=) fills the recipe's output rows directly
 
     @property
     def per_batch(self) -> bool:
         return True
 
     def fit(self, data: FitData) -> None:
-        C = np.array(data.X, dtype=np.float64)  # a copy: centred in place
-        k = _n_components(self.opts["n_components"], data.n, C.shape[1], self.name)
+        k = _n_components(self.opts["n_components"], data.n, data.X.shape[1], self.name)
+        C, starts, counts, _ = _private_grouped(data, len(data.labels))  # as PCACenterScale.fit
         self.mean_, self.components_, self.batch_mean_, self.batch_scale_ = fit_pca_centerscale(
-            C, data.batch, data.labels, k)
+            C, starts, counts, data.labels, k)
         self.in_features_, self.batches_ = list(data.features), list(data.labels)
         self.fitted = True
 
     def batch_tables(self, data: FitData) -> dict[str, np.ndarray]:
-        Y = np.subtract(data.X, self.mean_, dtype=np.float64) @ self.components_.T
-        m, s = _batch_scalers(Y, data.batch, len(data.labels), data.labels)
+        wd = work_dtype(data.X)
+        Y = project_in_place(np.subtract(data.X, self.mean_.astype(wd), dtype=wd), self.components_)
+        m, s = _batch_scalers(Y, data.batch, len(data.labels), data.labels, data.X.shape[1])
         return {"batch_mean": m, "batch_scale": s}
 
     def stored_tables(self) -> dict[str, np.ndarray]:
         return {"batch_mean": self.batch_mean_, "batch_scale": self.batch_scale_}
 
-    def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray]) -> np.ndarray:
+    def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray],
+              out: np.ndarray | None = None) -> np.ndarray:
         # the same function as PCACenterScale.transform: identical numbers
-        return project_scale(Z, self.mean_, self.components_, tables["batch_mean"], tables["batch_scale"], tidx)
+        return project_scale(Z, self.mean_, self.components_, tables["batch_mean"], tables["batch_scale"], tidx, out)
 
     def output_features(self, features: list[str]) -> list[str]:
         return _pc_names(self.components_.shape[0])
@@ -101,59 +127,176 @@ class PCACenterScaleStep(Step):
         self.fitted = True
 
 
-def _scaler(Z: np.ndarray, groups: Groups | None) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale) per group (or global, shape (1, d)); constant features get scale 1."""
-    if groups is None:
-        mean = Z.mean(axis=0, keepdims=True)
-        std = np.sqrt(((Z - mean) ** 2).mean(axis=0, keepdims=True))
+def _private_grouped(data: FitData, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(Z, starts, counts, codes): the fit rows in their working precision as an array the step
+    may overwrite, grouped by batch (batch g: rows starts[g]:starts[g] + counts[g]; `codes` per row
+    of Z). Rows already grouped (plates in order) are not reordered, and not copied when owned."""
+    order, starts, counts = contiguous_groups(data.batch, n_groups)
+    wd = work_dtype(data.X)
+    if order is not None:
+        return np.asarray(data.X[order], dtype=wd), starts, counts, data.batch[order]
+    if data.owned and data.X.dtype == wd:
+        return data.X, starts, counts, data.batch
+    return np.array(data.X, dtype=wd), starts, counts, data.batch
+
+
+def _scaler(Z: np.ndarray, blocks: tuple[np.ndarray, np.ndarray] | None,
+            n_terms: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per block (starts, counts) of rows (or global, shape (1, d)), float64, of the rows
+    of Z (float32 or float64, float64 sums). Constant features get scale 1, as StandardScaler; with
+    `n_terms` (Z holds n_terms-term products) so do features whose spread is below that product's
+    rounding noise (`noise_floor`) relative to the rows' norm."""
+    if blocks is None:
+        mean, std = block_mean_std(Z, np.array([0]), np.array([Z.shape[0]]))
         n: np.ndarray | int = Z.shape[0]
     else:
-        mean, std = batch_mean_std(Z, groups)
-        n = groups.counts[:, None]
-    std[constant_mask(mean, std, n)] = 1.0
+        mean, std = block_mean_std(Z, *blocks)
+        n = blocks[1][:, None]
+    const = constant_mask(mean, std, n)
+    if n_terms:
+        const |= std <= noise_floor(Z.dtype, n_terms) * np.sqrt((std**2 + mean**2).sum(axis=1, keepdims=True))
+    std[const] = 1.0
     return mean, std
+
+
+def _lapack_syevd(dtype: Any) -> Callable[..., None] | None:
+    """LAPACK ?syevd from scipy's `cython_lapack` function table, called through ctypes, which
+    releases the GIL during the call (scipy.linalg.eigh holds it, so worker threads could not
+    decompose two batches at once). None when unavailable."""
+    try:
+        import ctypes
+
+        from scipy.linalg import cython_lapack
+
+        capsule = cython_lapack.__pyx_capi__["ssyevd" if np.dtype(dtype) == np.float32 else "dsyevd"]
+        get_name = ctypes.pythonapi.PyCapsule_GetName
+        get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        address = get_pointer(capsule, get_name(capsule))
+        return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 11)(address)
+    except Exception:  # pragma: no cover - other scipy builds: scipy.linalg.eigh below
+        return None
+
+
+_SYEVD: dict[Any, Callable[..., None] | None] = {}
+
+
+def _eigh(S: np.ndarray, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors (as columns), in `dtype`, of the symmetric matrix S:
+    LAPACK divide and conquer (syevd, as np.linalg.eigh), from scipy's LAPACK (~1.5x faster than
+    numpy's build on 300 x 300 matrices here), without holding the GIL."""
+    dt = np.dtype(dtype)
+    if dt not in _SYEVD:
+        _SYEVD[dt] = _lapack_syevd(dt)
+    fn = _SYEVD[dt]
+    if fn is None:
+        return linalg.eigh(S.astype(dt), driver="evd", overwrite_a=True, check_finite=False)
+    import ctypes
+
+    n = S.shape[0]
+    A = np.array(S, dtype=dt, order="C")  # symmetric: its C layout is its Fortran layout
+    w = np.empty(n, dtype=dt)
+    work = np.empty(1 + 6 * n + 2 * n * n, dtype=dt)
+    iwork = np.empty(3 + 5 * n, dtype=np.int32)
+    ints = np.array([n, n, work.size, iwork.size, 0], dtype=np.int32)  # n, lda, lwork, liwork, info
+    jobz, uplo = ctypes.c_char(b"V"), ctypes.c_char(b"L")
+    at = ints.ctypes.data
+    fn(ctypes.addressof(jobz), ctypes.addressof(uplo), at, A.ctypes.data, at + 4, w.ctypes.data, work.ctypes.data,
+       at + 8, iwork.ctypes.data, at + 12, at + 16)
+    if ints[4] != 0:
+        raise np.linalg.LinAlgError(f"?syevd failed (info {int(ints[4])}) on a {n} x {n} CORAL matrix")
+    return w, A.T  # Fortran columns = eigenvectors
+
+
+def _stage1_pca(Z: np.ndarray, t: np.ndarray, mu1: np.ndarray, sd1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pmean, components) of TVN stage 2: the PCA of the stage-1 rows (Z - mu1[t]) / sd1[t] (one
+    table row: global), computed from float64 values of those rows, block by block, whatever Z's
+    precision: float32 rows get the float64 fit's PCA. The stage-1 rows are centred on these very
+    rows, so their mean is zero up to rounding and the one-pass scatter S - n pmean pmean' is exact."""
+    n, d = Z.shape
+
+    def block(lo: int, hi: int) -> np.ndarray:
+        B = Z[lo:hi].astype(np.float64)
+        if mu1.shape[0] == 1:
+            B -= mu1[0]
+            B /= sd1[0]
+        else:
+            B -= mu1[t[lo:hi]]
+            B /= sd1[t[lo:hi]]
+        return B
+
+    if n < 10 * d:  # few rows: thin SVD, as control_pca
+        A = block(0, n)
+        pmean = A.mean(axis=0)
+        return pmean, axes_from_rows(A - pmean, k)
+    S, total = np.zeros((d, d)), np.zeros(d)
+    for lo in range(0, n, _SCATTER_ROWS):
+        B = block(lo, min(lo + _SCATTER_ROWS, n))
+        total += B.sum(axis=0)
+        S += B.T @ B
+    pmean = total / n
+    S -= n * np.outer(pmean, pmean)
+    return pmean, axes_from_scatter(S, k)
 
 
 def _inv_sqrt_from_rows(A: np.ndarray, lam: float) -> np.ndarray:
     """(A'A / (n - 1) + lam I)^(-1/2) for centred rows A (n x k) with n <= k, from the n x n Gram
     matrix: with A A' / (n - 1) = U diag(s) U', the covariance has eigenvectors V = A' U diag(((n-1) s)^-1/2)
-    for s > 0 and eigenvalue 0 elsewhere, so the result is lam^-1/2 I + V diag((s + lam)^-1/2 - lam^-1/2) V'."""
+    for s > 0 and eigenvalue 0 elsewhere, so the result is lam^-1/2 I - B B' with
+    B = V diag((lam^-1/2 - (s + lam)^-1/2)^1/2) (a symmetric rank-r update: one SYRK). In A's precision."""
     n, k = A.shape
-    s, U = np.linalg.eigh(A @ A.T / (n - 1))
+    dt = A.dtype
+    S = A @ A.T
+    S /= n - 1
+    s, U = _eigh(S, dt)
+    s = s.astype(np.float64)
     keep = s > 1e-12 * max(s[-1], lam)
     s, U = s[keep], U[:, keep]
-    V = (A.T @ U) / np.sqrt((n - 1) * s)
-    M = (V * ((s + lam) ** -0.5 - lam**-0.5)) @ V.T
+    B = A.T @ (U * np.sqrt((lam**-0.5 - (s + lam) ** -0.5) / ((n - 1) * s)).astype(dt))
+    M = B @ B.T
+    M *= -1.0
     M.flat[:: k + 1] += lam**-0.5
     return M
 
 
 def _inv_sqrt_from_cov(A: np.ndarray, lam: float) -> np.ndarray:
-    """(A'A / (n - 1) + lam I)^(-1/2) for centred rows A (n x k), from the k x k covariance."""
-    C = A.T @ A / (A.shape[0] - 1)
+    """(A'A / (n - 1) + lam I)^(-1/2) for centred rows A (n x k), from the k x k covariance
+    (accumulated in float64; decomposed in A's precision)."""
+    A64 = A.astype(np.float64, copy=False)
+    C = A64.T @ A64 / (A.shape[0] - 1)
     C.flat[:: C.shape[0] + 1] += lam
-    vals, vecs = np.linalg.eigh(C)
-    return (vecs / np.sqrt(vals)) @ vecs.T
+    vals, vecs = _eigh(C, A.dtype)
+    vals, vecs = vals.astype(np.float64), vecs.astype(np.float64)
+    return ((vecs / np.sqrt(vals)) @ vecs.T).astype(A.dtype, copy=False)
 
 
-def coral_matrices(Z: np.ndarray, groups: Groups, lam: float) -> np.ndarray:
-    """(cov_ddof1(rows of group b) + lam I)^(-1/2) for every group (all with >= 2 rows): (B, k, k).
+def coral_matrices(Z: np.ndarray, groups: Groups | tuple[np.ndarray, np.ndarray], lam: float) -> np.ndarray:
+    """(cov_ddof1(rows of group b) + lam I)^(-1/2) for every group (all with >= 2 rows): (B, k, k),
+    in Z's precision.
 
     From the k x k covariance, or from the n x n Gram matrix of groups with n <= k rows (cheaper,
-    same matrix). The many small eigendecompositions run single-threaded inside BLAS/LAPACK, one
-    group per worker thread: multithreaded LAPACK on a 300 x 300 matrix is slower than one thread,
+    same matrix). Each group's mean is a float64 statistic; the small products and the
+    eigendecomposition run in Z's precision: for float32 rows ~40% of the float64 time, and the
+    matrix differs from float64's by ~1e-7 of its norm (~1e-5 of each transformed component's
+    scale at most), (cov + lam I)^-1/2 being well conditioned for lam > 0. The many small
+    eigendecompositions run single-threaded inside LAPACK, one group per worker thread (without
+    the GIL, `_eigh`): multithreaded LAPACK on a 300 x 300 matrix is slower than one thread,
     and much slower when other processes share the cores."""
-    k = Z.shape[1]
-    Zs = Z[groups.order]
-    out = np.empty((groups.counts.size, k, k))
+    k, wd = Z.shape[1], work_dtype(Z)
+    if isinstance(groups, Groups):
+        Zs, starts, counts = Z[groups.order], groups.starts, groups.counts
+    else:  # (starts, counts) of blocks of rows of Z
+        Zs, (starts, counts) = Z, groups
+    out = np.empty((len(counts), k, k), dtype=wd)
 
-    def one(item: tuple[int, slice]) -> None:
-        g, sl = item
-        A = Zs[sl] - Zs[sl].mean(axis=0)
-        out[g] = _inv_sqrt_from_rows(A, lam) if A.shape[0] <= k else _inv_sqrt_from_cov(A, lam)
+    def one(g: int) -> None:
+        rows = Zs[int(starts[g]) : int(starts[g] + counts[g])]
+        A = np.subtract(rows, rows.mean(axis=0, dtype=np.float64).astype(wd), dtype=wd)
+        out[g] = (_inv_sqrt_from_rows if A.shape[0] <= k else _inv_sqrt_from_cov)(A, lam)
 
     with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        list(pool.map(one, groups.slices()))
+        list(pool.map(one, np.flatnonzero(counts).tolist()))
     return out
 
 
@@ -169,6 +312,11 @@ class TVN(Step):
         float_opt("lam", 0.5, lo=0.0, lo_open=True, help="CORAL ridge added to each batch's control covariance"),
     )
     summary = "scale on controls -> control PCA -> scale on controls -> per-batch CORAL (cov + lam I)^(-1/2)"
+    writes_out = True  # apply(..., out=) fills the recipe's output rows directly
+
+    def __init__(self, **opts: Any) -> None:
+        super().__init__(**opts)
+        self._memo: dict[str, tuple[tuple[Any, ...], Any]] = {}
 
     def relevant_options(self) -> list[str]:
         return ["by", "n_components", "coral"] + (["lam"] if self.opts["coral"] else [])
@@ -182,39 +330,53 @@ class TVN(Step):
         return self.opts["by"] == "batch" or self.opts["coral"]
 
     def _stages(self, data: FitData, fit_globals: bool) -> dict[str, np.ndarray]:
-        """Fit the per-batch tables (and, with `fit_globals`, the global parts) on control rows."""
+        """Fit the per-batch tables (and, with `fit_globals`, the global parts) on control rows.
+
+        The rows stay in their precision (float32 rows: float32 centring, scaling and projection);
+        every statistic (means, stds, the PCA scatter matrix, CORAL covariances) is float64."""
         by_batch = self.opts["by"] == "batch"
-        groups = Groups.of(data.batch, len(data.labels)) if self.per_batch else None
-        if groups is not None:
-            groups.check_min(2, data.labels, self.name, "control rows")
+        d = data.X.shape[1]
+        if self.per_batch:
+            Z, starts, counts, t = _private_grouped(data, len(data.labels))  # rows grouped by batch
+            Groups(np.arange(0), counts, starts).check_min(2, data.labels, self.name, "control rows")
+            blocks: tuple[np.ndarray, np.ndarray] | None = (starts, counts)
+        else:
+            wd = work_dtype(data.X)
+            Z = data.X if data.owned and data.X.dtype == wd else np.array(data.X, dtype=wd)
+            blocks, t = None, data.batch
+        wd = Z.dtype.type
         tables: dict[str, np.ndarray] = {}
-        Z = as_float64(data.X)
-        t = data.batch
         if by_batch:
-            tables["mu1"], tables["sd1"] = _scaler(Z, groups)
-            Z = (Z - tables["mu1"][t]) / tables["sd1"][t]
+            tables["mu1"], tables["sd1"] = mu1, sd1 = _scaler(Z, blocks)
         else:
             if fit_globals:
                 self.mu1_, self.sd1_ = _scaler(Z, None)
-            Z = (Z - self.mu1_) / self.sd1_
+            mu1, sd1 = self.mu1_, self.sd1_
         if fit_globals:
-            k = _n_components(self.opts["n_components"], data.n, Z.shape[1], self.name)
-            self.pmean_ = Z.mean(axis=0)
-            self.components_ = control_pca(Z - self.pmean_, k)
-        Z = (Z - self.pmean_) @ self.components_.T
+            k = _n_components(self.opts["n_components"], data.n, d, self.name)
+            self.pmean_, self.components_ = _stage1_pca(Z, t, mu1, sd1, k)
         if by_batch:
-            tables["mu2"], tables["sd2"] = _scaler(Z, groups)
-            Z = (Z - tables["mu2"][t]) / tables["sd2"][t]
+            batch_affine(Z, t, mu1, sd1)
+        else:
+            Z -= mu1.astype(wd)
+            Z /= sd1.astype(wd)
+        Z -= self.pmean_.astype(wd)
+        Z = project_in_place(Z, self.components_)
+        if by_batch:
+            tables["mu2"], tables["sd2"] = _scaler(Z, blocks, n_terms=d)
+            batch_affine(Z, t, tables["mu2"], tables["sd2"])
         else:
             if fit_globals:
-                self.mu2_, self.sd2_ = _scaler(Z, None)
-            Z = (Z - self.mu2_) / self.sd2_
+                self.mu2_, self.sd2_ = _scaler(Z, None, n_terms=d)
+            Z -= self.mu2_.astype(wd)
+            Z /= self.sd2_.astype(wd)
         if self.opts["coral"]:
-            assert groups is not None
-            tables["coral"] = coral_matrices(Z, groups, self.opts["lam"])
+            assert blocks is not None
+            tables["coral"] = coral_matrices(Z, blocks, self.opts["lam"])
         return tables
 
     def fit(self, data: FitData) -> None:
+        self._memo = {}
         self.in_features_ = list(data.features)
         self.batches_ = list(data.labels) if self.per_batch else []
         self.tables_ = self._stages(data, fit_globals=True)
@@ -226,38 +388,85 @@ class TVN(Step):
     def stored_tables(self) -> dict[str, np.ndarray]:
         return self.tables_
 
-    def _affine(self, tables: dict[str, np.ndarray], t: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Stages 1-3 of a batch (global stages when t is None) as y = (x - mu1) @ G + g."""
-        if t is None:
-            mu1, sd1, mu2, sd2 = self.mu1_[0], self.sd1_[0], self.mu2_[0], self.sd2_[0]
-        else:
-            mu1, sd1, mu2, sd2 = (tables[key][t] for key in ("mu1", "sd1", "mu2", "sd2"))
-        G = self.components_.T / sd1[:, None] / sd2[None, :]
-        g = (-(self.pmean_ @ self.components_.T) - mu2) / sd2
-        return mu1, G, g
+    # ---- transform: y = (((x - mu1) / sd1 - pmean) V' - mu2) / sd2, then (with coral) @ M_batch
 
-    def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray]) -> np.ndarray:
-        k = self.components_.shape[0]
-        by_batch = self.opts["by"] == "batch"
-        if not by_batch:
-            glob = self._affine(tables, None)
-            if not self.opts["coral"]:
-                mu1, G, g = glob
-                Y = np.subtract(Z, mu1, dtype=np.float64) @ G
-                Y += g
-                return Y
-        Y = np.empty((Z.shape[0], k))
-        for t, rows in grouped_rows(tidx):
-            mu1, G, g = self._affine(tables, t) if by_batch else glob
-            Zc = np.subtract(Z[rows], mu1, dtype=np.float64)
-            if self.opts["coral"]:
-                M = tables["coral"][t]
-                if Zc.shape[0] > k:  # compose once per batch: (Zc G + g) M = Zc (G M) + g M
-                    G, g = G @ M, g @ M
-                else:
-                    Y[rows] = (Zc @ G + g) @ M
-                    continue
-            Y[rows] = Zc @ G + g
+    def _cached(self, name: str, deps: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """make() memoized under `name` while `deps` are the same (arrays: the same objects)."""
+        hit = self._memo.get(name)
+        if hit is not None and len(hit[0]) == len(deps) and all(
+                a is b or (not isinstance(a, np.ndarray) and not isinstance(b, np.ndarray) and a == b)
+                for a, b in zip(hit[0], deps)):
+            return hit[1]
+        value = make()
+        self._memo[name] = (deps, value)
+        return value
+
+    def _params(self, tables: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(mu1, sd1, loc, sd2), float64, one row per table row (or one global row): stage 3 reads
+        (u V' - loc) / sd2 with u = (x - mu1) / sd1 and loc = pmean V' + mu2."""
+        if self.opts["by"] == "batch":
+            mu1, sd1, mu2, sd2 = (tables[key] for key in ("mu1", "sd1", "mu2", "sd2"))
+        else:
+            mu1, sd1, mu2, sd2 = self.mu1_, self.sd1_, self.mu2_, self.sd2_
+        loc = self._cached("loc", (self.pmean_, self.components_, mu2),
+                           lambda: (self.pmean_ @ self.components_.T)[None, :] + mu2)
+        return mu1, sd1, loc, sd2
+
+    def _composed(self, tables: dict[str, np.ndarray], t: int, wd: type) -> tuple[np.ndarray, np.ndarray]:
+        """(W, h) of batch table row t, in precision wd, with stages 1-3 + CORAL as (x - mu1) @ W - h:
+        W = diag(1 / sd1) V' diag(1 / sd2) M, h = (loc / sd2) M (composed in wd: one d x k x k GEMM).
+        Kept for the next chunk: a batch's rows usually straddle at most two consecutive chunks."""
+        mu1, sd1, loc, sd2 = self._params(tables)
+        a, b = (0 if sd1.shape[0] == 1 else t), (0 if sd2.shape[0] == 1 else t)
+        M = tables["coral"][t]
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
+            H = self._cached("H", (self.components_, sd1, sd2, a, b, wd),  # one for all batches when by=global
+                             lambda: (self.components_.T / sd1[a][:, None] / sd2[b][None, :]).astype(wd))
+            return H @ M.astype(wd, copy=False), ((loc[b] / sd2[b]) @ M).astype(wd)
+
+        return self._cached("coral", (tables["coral"], sd1, sd2, loc, t, wd), make)
+
+    def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray],
+              out: np.ndarray | None = None) -> np.ndarray:
+        """Transform a chunk in Z's precision (float32 rows: float32 products, parameters rounded to
+        float32 once); with `out` (float32) the rows are written there."""
+        wd = work_dtype(Z)
+        k, d = self.components_.shape
+        direct = out is not None and out.dtype == wd
+        Y = out if direct else np.empty((Z.shape[0], k), dtype=wd)
+        mu1, sd1, loc, sd2 = self._params(tables)
+        if not self.opts["coral"]:
+            if sd1.shape[0] == 1:  # global: one affine map (x - mu1) @ G - loc / sd2
+                G = self._cached(f"G{np.dtype(wd).char}", (self.components_, sd1, sd2),
+                                 lambda: np.ascontiguousarray(self.components_.T / sd1[0][:, None] / sd2[0][None, :], dtype=wd))
+                np.matmul(np.subtract(Z, cast_cached(mu1, wd), dtype=wd), G, out=Y)
+                Y -= self._cached(f"g{np.dtype(wd).char}", (loc, sd2), lambda: (loc / sd2).astype(wd))
+            else:
+                U = np.array(Z, dtype=wd)
+                batch_affine(U, tidx, mu1, sd1)
+                np.matmul(U, cast_cached(self.components_, wd, transpose=True), out=Y)
+                batch_affine(Y, tidx, loc, sd2)
+        else:
+            for t, rows in (runs(tidx) or grouped_rows(tidx)):
+                a, b = (0 if sd1.shape[0] == 1 else t), (0 if sd2.shape[0] == 1 else t)
+                U = np.subtract(Z[rows], mu1[a].astype(wd), dtype=wd)
+                if U.shape[0] > d:  # compose once per batch: (x - mu1) W - h
+                    W, h = self._composed(tables, t, wd)
+                    if isinstance(rows, slice):
+                        np.matmul(U, W, out=Y[rows])
+                        Y[rows] -= h
+                    else:
+                        Y[rows] = U @ W - h
+                else:  # few rows: two thin products instead of a d x k x k composition
+                    U /= sd1[a].astype(wd)
+                    P = U @ cast_cached(self.components_, wd, transpose=True)
+                    P -= loc[b].astype(wd)
+                    P /= sd2[b].astype(wd)
+                    Y[rows] = P @ tables["coral"][t].astype(wd, copy=False)
+        if out is not None and not direct:
+            out[...] = Y
+            return out
         return Y
 
     def output_features(self, features: list[str]) -> list[str]:
@@ -270,6 +479,7 @@ class TVN(Step):
         return {"batches": self.batches_, "in_features": self.in_features_, "tables": sorted(self.tables_)}, arrays
 
     def load_state(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._memo = {}
         self.batches_, self.in_features_ = list(params["batches"]), list(params["in_features"])
         self.pmean_, self.components_ = arrays["pmean"], arrays["components"]
         self.tables_ = {key: arrays[key] for key in params["tables"]}

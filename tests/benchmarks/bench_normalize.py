@@ -22,13 +22,22 @@ are noisy):
   fitted on the controls; at 200k under the cap it raises MemoryError (its SVD builds an n_fit x n_fit
   matrix); the 1M case (273 GiB) is not run;
 - `sphere`: `Recipe.parse("sphere(method=zca-cor,on=controls)")` at every size;
-- `jump`: the whole `jump` preset (feature selection, MAD per plate, ZCA-cor with reg=auto), for reference.
+- `jump`: the whole `jump` preset (feature selection, MAD per plate, ZCA-cor with reg=auto), for reference;
+- floors (100k, 1M), what no implementation of these recipes avoids on this machine: `gemm_floor`, the bare
+  float32 projection `X @ V.T` (a random 384 x 384 rotation) into a new float32 array, i.e. the transform's
+  GEMM and its output alone; `coral_floor`, the eigendecompositions alone of TVN's per-plate CORAL
+  (one float32 syevd of each plate's n_ctrl x n_ctrl control Gram matrix, single-threaded, serially).
+  `vs_floor` in the results divides our times by them (card / gemm_floor, tvn / (gemm_floor + coral_floor)).
 
 Writes `bench-results/normalize.json` and prints a table. Run::
 
     uv run --frozen python tests/benchmarks/bench_normalize.py            # all sizes, ~10 min
     uv run --frozen python tests/benchmarks/bench_normalize.py --sizes 10k,100k
+    uv run --frozen python tests/benchmarks/bench_normalize.py --sizes 1m --cases gemm_floor,sklearn_card,card,tvn \
+        --workdir /tmp/bench-normalize --reuse-data   # data generated once, kept for the next run
     uv run --frozen pytest tests/benchmarks/bench_normalize.py -m benchmark -p no:logging -s
+
+`--cases` keeps only the named cases (a subset run writes `--out`, by default the same results file).
 """
 
 from __future__ import annotations
@@ -55,10 +64,11 @@ REPEAT_BELOW_S = 20.0  # cases faster than this are repeated (--repeats) and the
 SIZES = {"10k": 10_000, "100k": 100_000, "200k": 200_000, "1m": 1_000_000}
 PLAN = {  # size -> cases, in the order they run
     "10k": ["sklearn_card", "card", "tvn", "efaar_tvn", "pycy_spherize", "sphere", "jump"],
-    "100k": ["sklearn_card", "card", "tvn", "pycy_spherize", "sphere", "jump"],
+    "100k": ["gemm_floor", "sklearn_card", "card", "tvn", "coral_floor", "pycy_spherize", "sphere", "jump"],
     "200k": ["pycy_spherize", "sphere"],
-    "1m": ["sklearn_card", "sklearn_card_object", "card", "tvn", "tvn_nocoral", "sphere"],
+    "1m": ["gemm_floor", "sklearn_card", "sklearn_card_object", "card", "tvn", "tvn_nocoral", "coral_floor", "sphere"],
 }
+FLOORS = [("card", ("gemm_floor",)), ("tvn", ("gemm_floor", "coral_floor")), ("tvn_nocoral", ("gemm_floor",))]
 RATIOS = [("sklearn_card", "card"), ("sklearn_card_object", "card"), ("sklearn_card", "tvn"), ("sklearn_card", "tvn_nocoral"),
           ("efaar_tvn", "tvn"), ("pycy_spherize", "sphere")]
 
@@ -83,8 +93,10 @@ def _generate(n_rows: int, folder: Path) -> dict:
     np.save(folder / "plate.npy", meta["plate"].to_numpy().astype("U16"))
     np.save(folder / "ctrl.npy", (meta["control_type"] == "negative").to_numpy())
     np.save(folder / "pert.npy", meta["perturbation"].to_numpy().astype("U24"))
-    return {"rows": int(X.shape[0]), "controls": int((meta["control_type"] == "negative").sum()),
+    info = {"rows": int(X.shape[0]), "controls": int((meta["control_type"] == "negative").sum()),
             "plates": int(meta["plate"].n_unique())}
+    (folder / "info.json").write_text(json.dumps(info))
+    return info
 
 
 def _op_sklearn_card(X: np.ndarray, plates: np.ndarray, ctrl: np.ndarray, pert: np.ndarray, object_strings: bool = False):
@@ -141,6 +153,33 @@ def _op_pycy_spherize(X: np.ndarray, plates: np.ndarray, ctrl: np.ndarray, pert:
     return op
 
 
+def _op_gemm_floor(X: np.ndarray, plates: np.ndarray, ctrl: np.ndarray, pert: np.ndarray):
+    V = np.linalg.qr(np.random.default_rng(0).normal(size=(X.shape[1], X.shape[1])))[0].astype(X.dtype)
+
+    def op() -> np.ndarray:
+        return X @ V.T
+
+    return op
+
+
+def _op_coral_floor(X: np.ndarray, plates: np.ndarray, ctrl: np.ndarray, pert: np.ndarray):
+    from scipy import linalg
+    from threadpoolctl import threadpool_limits
+
+    rows = np.flatnonzero(ctrl)
+    blocks = [rows[plates[rows] == p] for p in np.unique(plates[rows])]
+
+    def op() -> int:
+        with threadpool_limits(limits=1):  # as tvn: single-threaded LAPACK on 300 x 300 matrices
+            for b in blocks:
+                A = X[b]
+                A = A - A.mean(axis=0)
+                linalg.eigh(A @ A.T, driver="evd", overwrite_a=True, check_finite=False)
+        return len(blocks)
+
+    return op
+
+
 def _op_recipe(spec: str):
     def make(X: np.ndarray, plates: np.ndarray, ctrl: np.ndarray, pert: np.ndarray):
         from bioembed_assets.profiles.recipe import Recipe
@@ -158,6 +197,8 @@ OPS = {
     "sklearn_card_object": lambda *a: _op_sklearn_card(*a, object_strings=True),
     "efaar_tvn": _op_efaar_tvn,
     "pycy_spherize": _op_pycy_spherize,
+    "gemm_floor": _op_gemm_floor,
+    "coral_floor": _op_coral_floor,
     "card": _op_recipe("card"),
     "tvn": _op_recipe("tvn"),
     "tvn_nocoral": _op_recipe("tvn(coral=false)"),
@@ -214,21 +255,29 @@ def _spawn(args: list[str], timeout: float) -> dict:
     return json.loads(lines[-1]) | {"process_wall_s": wall}
 
 
-def run(sizes: list[str], workdir: Path, timeout: float = 600, repeats: int = 1) -> dict:
+def run(sizes: list[str], workdir: Path, timeout: float = 600, repeats: int = 1, cases: list[str] | None = None,
+        keep_data: bool = False) -> dict:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-                     "cap_gib": CAP_BYTES / 1024**3, "sizes": {}, "cases": [], "ratios": []}
+                     "cap_gib": CAP_BYTES / 1024**3, "sizes": {}, "cases": [], "ratios": [], "vs_floor": []}
     for size in sizes:
+        plan = [c for c in PLAN[size] if cases is None or c in cases]
+        if not plan:
+            continue
         folder = workdir / size
-        info = _spawn(["--generate", str(SIZES[size]), "--dir", str(folder)], timeout)
+        if keep_data and (folder / "info.json").exists():  # generated by an earlier run with this --workdir
+            info = json.loads((folder / "info.json").read_text()) | {"reused": True}
+        else:
+            info = _spawn(["--generate", str(SIZES[size]), "--dir", str(folder)], timeout)
         results["sizes"][size] = info
         print(f"[{size}] data: {info}", flush=True)
-        for case in PLAN[size]:
+        for case in plan:
             res = _spawn(["--case", case, "--dir", str(folder), "--repeats", str(repeats)], timeout) | {"size": size}
             res.setdefault("case", case)
             results["cases"].append(res)
             print(f"[{size}] {case:20s} {res.get('status')}: op {res.get('op_s')} s, peak RSS {res.get('peak_rss_mb')} MB, "
                   f"load {res.get('load_avg_before')}", flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(folder, ignore_errors=True)
     by = {(c["size"], c["case"]): c for c in results["cases"]}
     for size in sizes:
         for peer, ours in RATIOS:
@@ -237,6 +286,13 @@ def run(sizes: list[str], workdir: Path, timeout: float = 600, repeats: int = 1)
                 results["ratios"].append({"size": size, "peer": peer, "ours": ours, "speedup": round(p["op_s"] / o["op_s"], 2),
                                           "cpu_ratio": round(p["op_cpu_s"] / max(o["op_cpu_s"], 1e-3), 2),
                                           "rss_ratio": round(p["peak_rss_mb"] / o["peak_rss_mb"], 2)})
+        for ours, floors in FLOORS:
+            o, fl = by.get((size, ours)), [by.get((size, f)) for f in floors]
+            if o and o.get("status") == "ok" and all(f and f.get("status") == "ok" for f in fl):
+                wall, cpu = sum(f["op_s"] for f in fl), sum(f["op_cpu_s"] for f in fl)
+                results["vs_floor"].append({"size": size, "ours": ours, "floor": "+".join(floors), "floor_s": round(wall, 3),
+                                            "floor_cpu_s": round(cpu, 3), "times_floor": round(o["op_s"] / wall, 2),
+                                            "cpu_times_floor": round(o["op_cpu_s"] / max(cpu, 1e-3), 2)})
     return results
 
 
@@ -250,6 +306,8 @@ def table(results: dict) -> str:
     rows.append("")
     rows += [f"{r['size']:6s} {r['ours']} vs {r['peer']}: {r['speedup']}x faster (wall), {r['cpu_ratio']}x less CPU, "
              f"peak RSS {r['rss_ratio']}x lower" for r in results["ratios"]]
+    rows += [f"{r['size']:6s} {r['ours']} = {r['times_floor']}x the {r['floor']} floor ({r['floor_s']} s; CPU "
+             f"{r['cpu_times_floor']}x)" for r in results.get("vs_floor", [])]
     return "\n".join(rows)
 
 
@@ -258,8 +316,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--sizes", default="10k,100k,200k,1m", help=f"comma-separated, from {list(SIZES)}")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="where the .npy data go (default: a temp folder)")
+    ap.add_argument("--reuse-data", action="store_true",
+                    help="keep the data in --workdir and reuse what an earlier run left there")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per child process")
     ap.add_argument("--repeats", type=int, default=2, help=f"runs of cases under {REPEAT_BELOW_S:.0f} s (best kept)")
+    ap.add_argument("--cases", default=None, help="comma-separated subset of the cases (default: every case of each size)")
     ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -275,9 +336,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         ap.error(f"unknown sizes {unknown}; known: {list(SIZES)}")
+    cases = None if a.cases is None else [c.strip() for c in a.cases.split(",") if c.strip()]
+    if cases is not None and (bad := sorted(set(cases) - set(OPS))):
+        ap.error(f"unknown cases {bad}; known: {sorted(OPS)}")
+    if a.reuse_data and a.workdir is None:
+        ap.error("--reuse-data needs --workdir")
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench-normalize-"))
     try:
-        results = run(sizes, workdir, a.timeout, a.repeats)
+        results = run(sizes, workdir, a.timeout, a.repeats, cases, keep_data=a.reuse_data)
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
