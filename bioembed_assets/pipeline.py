@@ -91,7 +91,7 @@ def ingest_raw_plate(home: Home, plate: str, config: RunConfig | None = None) ->
     per-site QC (focus, saturation, intensity; `qc_pass`, `qc_flags`)."""
     cfg = config or load_run_config(home)
     fields_ = list_fields(cfg.layout, cfg.plate_dir(plate), plate, cfg.channel_map, **cfg.layout_options)
-    table = ingest_plate(fields_, home.image_store(plate), cfg.channels)
+    table = ingest_plate(fields_, home.image_store(plate), cfg.channels, compressor=cfg.store_compressor)
     table = site_qc(home.image_store(plate), table)
     Lake(home.lake).write("images", table, plate=plate)
     return {"fields": table.height, "wells": table[s.WELL].n_unique(), "channels": cfg.channels,

@@ -1,10 +1,12 @@
 """Run-configuration switches through the pipeline stages: illumination on/off, QC flags on the
-cell table, border padding, tile mode, the Cellpose backend's clear error, TOML loading."""
+cell table, the store compressor, border padding, tile mode, the Cellpose backend's clear error, TOML loading."""
 
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import zarr
 
 from bioembed_assets import pipeline
 from bioembed_assets.config import Home, RunConfig
@@ -45,6 +47,18 @@ def test_illumination_switch_and_qc_flags_on_cells(home) -> None:
     cells = Lake(home.lake).read("cells", plate=plate)
     assert {"qc_pass", "qc_flags"} <= set(cells.columns) and cells["qc_pass"].null_count() == 0
     assert summary["cells_on_qc_failed_sites"] == int((~cells["qc_pass"]).sum())
+
+
+def test_store_compressor_switch_keeps_the_pixels(home) -> None:
+    home, plate = home
+    cfg = pipeline.default_run_config(home)
+    stores = {}
+    for compressor in ("none", "zstd"):
+        pipeline.ingest_raw_plate(home, plate, cfg.model_copy(update={"store_compressor": compressor}))
+        images = zarr.open_group(home.image_store(plate), mode="r")["images"]
+        assert [c.cname.value for c in images.compressors] == ([] if compressor == "none" else ["zstd"])
+        stores[compressor] = images[:]
+    np.testing.assert_array_equal(stores["none"], stores["zstd"])
 
 
 def test_border_padding_keeps_more_cells_than_dropping(home) -> None:
