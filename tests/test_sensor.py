@@ -1,4 +1,4 @@
-"""`new_plate_sensor`: registers valid new plate folders only, once."""
+"""`new_plate_sensor`: registers valid new plate folders only, once, with the home's run-config layout."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from bioembed_assets.config import Home
+from bioembed_assets.config import Home, RunConfig
+from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from bioembed_assets.sources.validate import check_plate_folder
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 from dagster_project.sensors import new_plate_sensor
+
+from .conftest import BBBC013_DIR
+
+REPO = Path(__file__).resolve().parents[1]
 
 ONE_SMALL_PLATE = SyntheticScreenConfig(
     n_plates=1, n_rows=2, n_cols=3, sites_per_well=1, image_size=64, n_moas=1, compounds_per_moa=1,
@@ -64,3 +69,28 @@ def test_sensor_registers_only_valid_new_plates(home: tuple[Home, str]) -> None:
         assert instance.get_dynamic_partitions(plates.name) == [good]
         assert MISSING_CHANNEL not in instance.get_dynamic_partitions(plates.name)
         assert BAD_NAME not in instance.get_dynamic_partitions(plates.name)
+
+
+def test_sensor_follows_the_run_config_layout_on_a_real_plate(tmp_path: Path) -> None:
+    """With a saved non-Phenix run config (the BBBC013 regex layout), the sensor validates plate
+    folders with that layout: the real plate is registered, a copy missing one well's DNA image is not."""
+    if not BBBC013_DIR.is_dir():
+        pytest.skip(f"real BBBC013 plate not present at {BBBC013_DIR}")
+    home = Home(root=tmp_path / "home").ensure()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "BBBC013").symlink_to(BBBC013_DIR, target_is_directory=True)
+    broken = raw / "BBBC013-NO-DNA-B07"
+    broken.mkdir()
+    for path in BBBC013_DIR.iterdir():
+        if path.name != "Channel2-19-B-07.tif":
+            (broken / path.name).symlink_to(path)
+    config = RunConfig.load(REPO / "deploy" / "configs" / "bbbc013.toml")
+    config = config.model_copy(update={"raw_root": str(raw), "plates": None})
+    save_run_config(home, config)
+    assert "B07" in check_plate_folder(broken, config)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = _evaluate(instance, home.root)
+        (request,) = result.dynamic_partitions_requests
+        assert list(request.partition_keys) == ["BBBC013"]
+        assert [r.partition_key for r in result.run_requests] == ["BBBC013"]
