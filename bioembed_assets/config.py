@@ -83,6 +83,11 @@ class Home(BaseModel):
     def dagster_home(self) -> Path:
         return self.root / "dagster"
 
+    @property
+    def matplotlib_config(self) -> Path:
+        """MPLCONFIGDIR: matplotlib's caches stay in the home, not in $HOME."""
+        return self.root / ".cache" / "matplotlib"
+
     def ensure(self) -> Home:
         for p in (self.root, self.raw_root, self.lake, self.dagster_home, self.mlflow_artifacts):
             p.mkdir(parents=True, exist_ok=True)

@@ -80,12 +80,13 @@ def fit_normalizer(home: Home, fs: FeatureSet, recipe: str = CARD_RECIPE, spec: 
     """Fit recipe `spec` (default: the preset called `recipe`) on every plate of the feature set
     and store its parameters under the home (named `recipe`)."""
     meta, X = load_profiles(home, "well_profiles", fs)
-    fitted = Recipe.parse(spec or recipe).fit(X, meta[s.PLATE].to_numpy(), is_negative(meta),
+    negative = is_negative(meta)
+    fitted = Recipe.parse(spec or recipe).fit(X, meta[s.PLATE].to_numpy(), negative,
                                               feature_names=feature_names(home, fs, X.shape[1]),
                                               perturbations=meta[s.PERTURBATION].to_numpy())
     fitted.save(normalizer_path(home, fs, recipe))
     return {"recipe": recipe, "steps": fitted.spec, "plates": meta[s.PLATE].n_unique(),
-            "control_wells": int(is_negative(meta).sum()), "wells": meta.height,
+            "control_wells": int(negative.sum()), "wells": meta.height,
             "features_in": int(X.shape[1]), "features_out": len(fitted.output_features)}
 
 
@@ -139,18 +140,20 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
     """Every metric but the (possibly cross-fitted) activity mAP: non-replicate mAP, MoA mAP, NSC/NSCB,
     known-relationship recall, plate effect and Z' (NaN where the design does not allow one)."""
     nan = float("nan")
-    treated = ~is_negative(meta)
+    negative = is_negative(meta)
+    treated = ~negative
+    treated_meta = meta.filter(pl.Series(treated))
     tables = {"replicate": rep}
     scalars = {"n_features": float(X.shape[1]), "replicate_map": rep["mean_average_precision"].mean(),
                "fraction_retrieved": fraction_retrieved(rep)}
     try:
-        nonrep_ap = nonreplicate_average_precision(meta.filter(pl.Series(treated)), X[treated])
+        nonrep_ap = nonreplicate_average_precision(treated_meta, X[treated])
         tables["nonrep"] = mean_average_precision_by(nonrep_ap, [s.PERTURBATION], null_size=null_size, seed=seed)
         scalars |= {"nonrep_map": tables["nonrep"]["mean_average_precision"].mean(),
                     "nonrep_fraction_retrieved": fraction_retrieved(tables["nonrep"])}
     except UnpairedError:  # no treated perturbation has two wells: nothing to retrieve
         pass
-    has_moa = meta.filter(pl.Series(treated))[s.MOA].drop_nulls().n_unique() >= 2
+    has_moa = treated_meta[s.MOA].drop_nulls().n_unique() >= 2
     if has_moa:
         moa = moa_map(meta, X, null_size=null_size, seed=seed)
         tables["moa"] = moa
@@ -158,14 +161,14 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
                     "nsc_accuracy": nsc(meta, X).accuracy,
                     "nscb_accuracy": nscb(meta, X).accuracy if meta[s.PLATE].n_unique() > 1 else nan}
     pairs = relationships if relationships is not None else (moa_relationships(meta) if has_moa else None)
-    n_perts = meta.filter(pl.Series(treated))[s.PERTURBATION].n_unique()
+    n_perts = treated_meta[s.PERTURBATION].n_unique()
     if pairs is not None and pairs.height and n_perts >= 20:
-        recall = known_relationship_recall(meta.filter(pl.Series(treated)), X[treated], pairs)
+        recall = known_relationship_recall(treated_meta, X[treated], pairs)
         scalars |= {"relationship_recall_5": recall.metrics["recall_0.05_0.95"],
                     "relationship_recall_10": recall.metrics["recall_0.1_0.9"]}
     scalars |= batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=treated, groups=meta[s.PERTURBATION].to_numpy())
     positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
-    scalars["control_z_prime"] = control_z_prime(X, positive, is_negative(meta), seed=seed)
+    scalars["control_z_prime"] = control_z_prime(X, positive, negative, seed=seed)
     return scalars, tables
 
 

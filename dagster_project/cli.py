@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     sql.set_defaults(func=_sql)
     args = parser.parse_args(argv)
     if getattr(args, "home", None):  # caches (matplotlib's font list) live in the home, not in $HOME
-        os.environ.setdefault("MPLCONFIGDIR", str(Path(args.home).expanduser().resolve() / ".cache" / "matplotlib"))
+        from bioembed_assets.config import Home
+
+        os.environ.setdefault("MPLCONFIGDIR", str(Home(root=Path(args.home).expanduser().resolve()).matplotlib_config))
     try:
         return args.func(args)
     except (RuntimeError, LookupError, ValueError, OSError) as exc:  # bad input or a failed run: say why, no traceback

@@ -46,7 +46,7 @@ def use_home(home_dir: str | Path) -> Home:
     home = Home(root=Path(home_dir).expanduser().resolve()).ensure()
     os.environ["DAGSTER_HOME"] = str(home.dagster_home)
     os.environ[HOME_ENV_VAR] = str(home.root)
-    os.environ.setdefault("MPLCONFIGDIR", str(home.root / ".cache" / "matplotlib"))
+    os.environ.setdefault("MPLCONFIGDIR", str(home.matplotlib_config))
     config = home.dagster_home / "dagster.yaml"
     if not config.exists():
         config.write_text("concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n")

@@ -24,7 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, validate_plate_name
-from bioembed_assets.sources.layouts import FieldFiles, FieldSource, read_image_file
+from bioembed_assets.sources.layouts import FieldFiles, FieldSource
 from bioembed_assets.store.atomic import atomic_dir
 
 IMAGES = "images"
@@ -36,11 +36,6 @@ _BLOSC: dict[str, tuple[str, int, str]] = {"lz4": ("lz4", 5, "shuffle"), "zstd":
 _DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-def read_image(path: Path) -> np.ndarray:
-    """One image file (TIFF, PNG). Kept for callers of the old name; see `sources.layouts.read_image_file`."""
-    return read_image_file(path)
 
 
 def _kind(location: str) -> str:

@@ -41,7 +41,7 @@ from bioembed_assets.profiles.steps import (
     rows_per_chunk,
     work_dtype,
 )
-from bioembed_assets.store.atomic import atomic_dir
+from bioembed_assets.store.atomic import write_arrays_and_json
 
 _NPZ, _JSON = "pca_centerscale.npz", "pca_centerscale.json"
 _ZERO_REL = 1e-10  # a component whose batch std is below this fraction of the batch's largest is "zero variance"
@@ -300,18 +300,10 @@ class PCACenterScale:
         """Write the fitted parameters to folder `path` (`.npz` arrays + `.json` settings), atomically."""
         if self.components_ is None:
             raise RuntimeError("PCACenterScale is not fitted")
-        path = Path(path)
-        with atomic_dir(path) as tmp:
-            np.savez(
-                tmp / _NPZ,
-                mean=self.mean_,
-                components=self.components_,
-                batch_mean=self.batch_mean_,
-                batch_scale=self.batch_scale_,
-            )
-            info = {"recipe": self.recipe, "n_components": self.n_components, "batches": self.batches_}
-            (tmp / _JSON).write_text(json.dumps(info, indent=1))
-        return path
+        arrays = {"mean": self.mean_, "components": self.components_, "batch_mean": self.batch_mean_,
+                  "batch_scale": self.batch_scale_}
+        info = {"recipe": self.recipe, "n_components": self.n_components, "batches": self.batches_}
+        return write_arrays_and_json(path, _NPZ, arrays, _JSON, info)
 
     @classmethod
     def load(cls, path: str | Path) -> PCACenterScale:

@@ -35,7 +35,7 @@ from bioembed_assets.profiles.selection import FeatureSelect
 from bioembed_assets.profiles.sphering import Sphere, tuning_split
 from bioembed_assets.profiles.steps import FitData, Step, check_finite, empty_touched, label_codes, rows_per_chunk
 from bioembed_assets.profiles.tvn import TVN, PCACenterScaleStep
-from bioembed_assets.store.atomic import atomic_dir
+from bioembed_assets.store.atomic import write_arrays_and_json
 
 STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (FeatureSelect, Standardize, MadRobustize, PCACenterScaleStep, TVN,
                                                             Sphere)}
@@ -416,7 +416,6 @@ class Recipe:
     def save(self, folder: str | Path) -> Path:
         """Write the fitted recipe to `folder` (`recipe.json` + `arrays.npz`), atomically."""
         self._require_fitted()
-        folder = Path(folder)
         arrays: dict[str, np.ndarray] = {}
         steps = []
         for i, s in enumerate(self.steps):
@@ -426,10 +425,7 @@ class Recipe:
         info = {"format": _FORMAT, "name": self.name, "preset": self._name, "spec": self.spec,
                 "in_features": self.in_features_, "output_features": self.output_features, "fit": self.fit_info_,
                 "steps": steps}
-        with atomic_dir(folder) as tmp:
-            np.savez(tmp / _NPZ, **arrays)
-            (tmp / _JSON).write_text(json.dumps(info, indent=1))
-        return folder
+        return write_arrays_and_json(folder, _NPZ, arrays, _JSON, info)
 
     @classmethod
     def load(cls, folder: str | Path) -> Recipe:

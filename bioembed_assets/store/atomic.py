@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 
@@ -59,6 +61,16 @@ def atomic_dir(target: str | Path, staging: str | Path | None = None) -> Iterato
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_arrays_and_json(target: str | Path, npz_name: str, arrays: dict[str, np.ndarray], json_name: str,
+                          info: dict) -> Path:
+    """Replace folder `target` atomically with `npz_name` (the arrays, no pickles) and `json_name` (info)."""
+    target = Path(target)
+    with atomic_dir(target) as tmp:
+        np.savez(tmp / npz_name, **arrays)
+        (tmp / json_name).write_text(json.dumps(info, indent=1))
+    return target
 
 
 def write_parquet_atomic(df: pl.DataFrame, target: str | Path) -> Path:
