@@ -72,7 +72,11 @@ def test_matches_direct_efaar_procedure(dtype) -> None:
 def test_ties_follow_searchsorted_semantics() -> None:
     """Duplicated profiles create tied similarities at the thresholds; counts use <= and <."""
     rng = np.random.default_rng(3)
-    base = rng.normal(size=(6, 5))
+    # Rows with four entries of +-1 have norm 2: unit vectors hold +-0.5 and every cosine is a sum of
+    # +-0.25 terms, exact in floating point whatever the BLAS kernel or block shape (real ties).
+    base = np.zeros((6, 8))
+    for row in base:
+        row[rng.choice(8, size=4, replace=False)] = rng.choice([-1.0, 1.0], size=4)
     P = np.concatenate([base, base, base[:3]])  # many exactly repeated similarities
     names = [f"e{i}" for i in range(len(P))]
     pairs = [(names[i], names[j]) for i in range(len(P)) for j in range(i + 1, len(P)) if (i + j) % 4 == 0]
