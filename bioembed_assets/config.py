@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from bioembed_assets.promotion_rule import PromotionRule
 from bioembed_assets.schema import validate_plate_name
 
 HOME_ENV_VAR = "BIOEMBED_HOME"
@@ -152,6 +153,8 @@ class RunConfig(BaseModel):
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
     recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
     """Normalization recipes to fit and evaluate: name -> preset name or step string (see README)."""
+    promotion: PromotionRule = Field(default_factory=PromotionRule)
+    """When a trained challenger replaces the champion (see README: Promotion)."""
     config_dir: str | None = None
     """Folder of the config file (set by `load`); relative platemap paths may resolve against it."""
 

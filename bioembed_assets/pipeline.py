@@ -44,6 +44,15 @@ class EncoderSetup:
     takes_channels: bool = False
     """Whether the family is built for a fixed stain list (the run's channels) or is channel-agnostic."""
 
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether embedding runs a neural network (GPU pool) rather than classical feature code."""
+        return self.family != "classical"
+
+    @property
+    def trainable(self) -> bool:
+        return self.family in TRAINABLE_FAMILIES
+
     def build(self, channels: Sequence[str] | None = None) -> Encoder:
         config = dict(self.config)
         if self.takes_channels and channels is not None:
@@ -51,12 +60,20 @@ class EncoderSetup:
         return build_encoder(self.family, **config)
 
 
+TRAINABLE_FAMILIES = frozenset({"ca_mae", "ae", "vae", "supervised_cnn"})
+
 DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
     EncoderSetup("classical", "classical", {},
                  "CellProfiler-like intensity, shape, texture and correlation features", takes_channels=True),
-    EncoderSetup("ca_mae", "ca_mae", {"preset": "demo", "seed": 0},
-                 "Channel-agnostic MAE ViT (OpenPhenom architecture), small CPU configuration"),
+    EncoderSetup("ca_mae", "ca_mae", {"preset": "demo", "seed": 0, "decoder": "demo"},
+                 "Channel-agnostic MAE ViT (OpenPhenom architecture) with its decoder, small CPU configuration"),
+    EncoderSetup("vae", "vae", {"latent_dim": 64, "input_size": 64, "seed": 0},
+                 "bioimage_embed-style convolutional VAE (64-d latent)", takes_channels=True),
+    EncoderSetup("supervised_cnn", "supervised_cnn", {"backbone": "resnet18", "input_size": 64, "seed": 0},
+                 "DeepProfiler-style weakly supervised CNN (timm ResNet-18; predicts each cell's treatment)",
+                 takes_channels=True),
 )
+"""Encoders a run config can name; `RunConfig.encoders` picks which ones the graph embeds with."""
 
 
 # -- run configuration ----------------------------------------------------------------------------
@@ -188,11 +205,19 @@ def plate_heatmaps(home: Home, plate: str) -> dict[str, bytes]:
 
 
 def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersion,
-                batch_size: int = 256, progress: ProgressCallback | None = None) -> dict:
-    """Every crop of the plate through one encoder version -> `embeddings` lake partition."""
+                batch_size: int = 256, progress: ProgressCallback | None = None, reuse: bool = True) -> dict:
+    """Every crop of the plate through one encoder version -> `embeddings` lake partition.
+
+    With `reuse`, rows this version already wrote for exactly the plate's current cells (written
+    after its crop store) are kept: a version's weights never change, so they would come out the
+    same (this is what makes a rollback or the promotion of an evaluated challenger cheap).
+    """
     lake = Lake(home.lake)
     cells = lake.read("cells", plate=plate).sort("crop_index")
     _require(cells, "cells", plate, "crops")
+    if reuse and (existing := _reusable_embeddings(home, plate, version, cells)) is not None:
+        return {"cells": existing.height, "dim": int(len(existing[s.FEATURES][0])), "reused": True,
+                "nan_rows": int(np.isnan(features_to_numpy(existing)).any(1).sum())}
     X = embed_crop_store(encoder, home.crop_store(plate), batch_size=batch_size, progress=progress)
     if X.shape[0] != cells.height:
         raise RuntimeError(f"plate {plate}: {X.shape[0]} embeddings for {cells.height} cells")
@@ -200,7 +225,19 @@ def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersio
         pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION))
     lake.write("embeddings", with_features(meta, X), encoder=version.name, version=version.version,
                plate=plate)
-    return {"cells": int(X.shape[0]), "dim": int(X.shape[1]), "nan_rows": int(np.isnan(X).any(1).sum())}
+    return {"cells": int(X.shape[0]), "dim": int(X.shape[1]), "reused": False,
+            "nan_rows": int(np.isnan(X).any(1).sum())}
+
+
+def _reusable_embeddings(home: Home, plate: str, version: EncoderVersion, cells: pl.DataFrame) -> pl.DataFrame | None:
+    """This version's stored rows for the plate, if they cover exactly its current cells and are newer than the crops."""
+    lake = Lake(home.lake)
+    path = lake.partition_path("embeddings", encoder=version.name, version=version.version, plate=plate)
+    crops_marker = home.crop_store(plate) / "zarr.json"
+    if not path.exists() or not crops_marker.exists() or path.stat().st_mtime < crops_marker.stat().st_mtime:
+        return None
+    existing = pl.read_parquet(path)
+    return existing if existing[s.CELL_ID].to_list() == cells[s.CELL_ID].to_list() else None
 
 
 def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:

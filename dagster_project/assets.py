@@ -1,4 +1,4 @@
-"""The bioembed asset graph. Each asset is a thin call into `bioembed_assets.pipeline` / `.feature_sets`."""
+"""Plate ingest and profile-import assets (encoder-independent). Each is a thin call into the library."""
 
 
 import base64
@@ -7,16 +7,15 @@ import dagster as dg
 import polars as pl
 
 from bioembed_assets import feature_sets, pipeline
-from bioembed_assets.inference import resolve_device
 from bioembed_assets.sources.profile_table import ProfileImportSpec, SavedImport, import_profiles, save_import, saved_imports
 from bioembed_assets.store.catalog import build_catalog
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
-INGEST, EMBED, PROFILE, EVALUATE, IMPORT = "ingest", "embed", "profile", "evaluate", "import"
+INGEST, EMBED, PROFILE, EVALUATE, IMPORT, LEARN = "ingest", "embed", "profile", "evaluate", "import", "learn"
 
 
-def _check(name: str, asset: str, passed: bool, **metadata) -> dg.AssetCheckResult:
+def check_result(name: str, asset: str, passed: bool, **metadata) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=name, asset_key=asset, passed=bool(passed), metadata=metadata)
 
 
@@ -26,8 +25,13 @@ def markdown_table(df: pl.DataFrame) -> str:
         return str(df)
 
 
-def _png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
+def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[str, dg.MetadataValue]:
+    meta = {f"{prefix}metrics": dg.MetadataValue.md(markdown_table(result.metrics.select("recipe", "metric", "value")))}
+    return meta | {f"{prefix}{plot}": png_markdown(png, plot) for plot, png in result.plots.items()}
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, kinds={"zarr", "parquet"})
@@ -48,7 +52,7 @@ def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Ma
     n_neg = summary.get("negative_wells", 0)
     return dg.MaterializeResult(
         metadata=summary,
-        check_results=[_check("negative_controls_present", "platemap", n_neg > 0, negative_wells=n_neg)])
+        check_results=[check_result("negative_controls_present", "platemap", n_neg > 0, negative_wells=n_neg)])
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, deps=[raw_plate], kinds={"numpy", "zarr"})
@@ -74,104 +78,11 @@ def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Mater
     table; plate heatmaps of cells per well and QC-failed sites."""
     home, plate = bioembed.home(), context.partition_key
     summary = pipeline.crop_cells(home, plate, bioembed.run_config())
-    heatmaps = {name: _png_markdown(png, name) for name, png in pipeline.plate_heatmaps(home, plate).items()}
+    heatmaps = {name: png_markdown(png, name) for name, png in pipeline.plate_heatmaps(home, plate).items()}
     ok = summary["min_cells_per_well"] >= 1
     return dg.MaterializeResult(
         metadata={**summary, **heatmaps},
-        check_results=[_check("cells_per_well", "crops", ok, min_cells_per_well=summary["min_cells_per_well"])])
-
-
-@dg.asset(group_name=EMBED, kinds={"mlflow"})
-def encoder(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """The registered encoders (MLflow model registry, alias `champion`); registers an untrained
-    version 1 of each configured encoder if it has none."""
-    registry, channels = bioembed.registry(), bioembed.run_config().channels
-    meta = {}
-    for setup in bioembed.encoder_setups():
-        version = registry.ensure(setup.name, lambda s=setup: s.build(channels), description=setup.description)
-        meta[setup.name] = version.describe()
-    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(str(sorted(meta.items()))))
-
-
-@dg.asset(partitions_def=plates, group_name=EMBED, deps=[crops, encoder], pool="gpu",
-          kinds={"pytorch", "parquet"}, backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=8),
-          check_specs=[dg.AssetCheckSpec("embeddings_finite", asset="embeddings")])
-def embeddings(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Per-cell embeddings from each configured encoder's champion version (loaded once per run,
-    batched on GPU when present)."""
-    home, registry, device = bioembed.home(), bioembed.registry(), resolve_device(bioembed.device)
-    nan_rows, meta = 0, {"device": str(device)}
-    for setup in bioembed.encoder_setups():
-        model, version = registry.load(setup.name)
-        model.to(device)
-        for plate in context.partition_keys:
-            summary = pipeline.embed_plate(
-                home, plate, model, version, batch_size=bioembed.batch_size,
-                progress=lambda done, total, p=plate, n=setup.name: context.log.debug(f"{n} {p}: {done}/{total}"))
-            nan_rows += summary["nan_rows"]
-            meta[f"{setup.name}"] = f"v{version.version}, dim {summary['dim']}"
-            context.log.info(f"{setup.name} v{version.version} plate {plate}: {summary['cells']} cells embedded")
-    return dg.MaterializeResult(
-        metadata=meta, check_results=[_check("embeddings_finite", "embeddings", nan_rows == 0, nan_rows=nan_rows)])
-
-
-@dg.asset(partitions_def=plates, group_name=PROFILE, deps=[embeddings, platemap], kinds={"parquet"})
-def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Cell -> well aggregation (median) of each encoder's embeddings, joined to the platemap."""
-    home = bioembed.home()
-    meta = {}
-    for setup in bioembed.encoder_setups():
-        summary = pipeline.profile_plate(home, context.partition_key, bioembed.champion(setup.name))
-        meta[setup.name] = f"{summary['wells']} wells"
-        meta["cells_excluded_by_qc"] = summary["cells_excluded_by_qc"]
-    return dg.MaterializeResult(metadata=meta)
-
-
-@dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"})
-def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Each configured normalization recipe (default: the OpenPhenom card recipe, PCA on negative
-    controls + per-plate scaling) fitted on all plates; parameters stored under the home."""
-    home, recipes = bioembed.home(), bioembed.run_config().recipes
-    meta = {}
-    for setup in bioembed.encoder_setups():
-        for name, spec in recipes.items():
-            summary = feature_sets.fit_normalizer(home, bioembed.champion(setup.name), name, spec)
-            meta[f"{setup.name}/{name}"] = (f"{summary['steps']}: {summary['control_wells']} control wells on "
-                                            f"{summary['plates']} plates, {summary['features_out']} features out")
-    return dg.MaterializeResult(metadata=meta)
-
-
-@dg.asset(partitions_def=plates, group_name=PROFILE, deps=[normalizer, well_profiles], kinds={"parquet"})
-def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Each plate's well profiles through every fitted recipe (rows record recipe name and steps)."""
-    home, recipes = bioembed.home(), bioembed.run_config().recipes
-    for setup in bioembed.encoder_setups():
-        for name in recipes:
-            feature_sets.normalize_plate(home, context.partition_key, bioembed.champion(setup.name), name)
-    build_catalog(home.catalog_path, home.lake)
-    return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes)})
-
-
-def _evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[str, dg.MetadataValue]:
-    meta = {f"{prefix}metrics": dg.MetadataValue.md(markdown_table(result.metrics.select("recipe", "metric", "value")))}
-    return meta | {f"{prefix}{plot}": _png_markdown(png, plot) for plot, png in result.plots.items()}
-
-
-@dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"})
-def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-    """Replicate mAP vs negative controls (p-values, BH-FDR, fraction retrieved), MoA retrieval and
-    plate effect, before and after each recipe; logged to each encoder version's MLflow run."""
-    home, registry, recipes = bioembed.home(), bioembed.registry(), bioembed.run_config().recipes
-    meta: dict[str, dg.MetadataValue | str | float] = {}
-    for setup in bioembed.encoder_setups():
-        version = bioembed.champion(setup.name)
-        result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=bioembed.null_size)
-        registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
-                                       for r in result.metrics.iter_rows(named=True)})
-        meta |= _evaluation_metadata(result, f"{setup.name}_")
-    build_catalog(home.catalog_path, home.lake)
-    meta["catalog"] = dg.MetadataValue.path(str(home.catalog_path))
-    return dg.MaterializeResult(metadata=meta)
+        check_results=[check_result("cells_per_well", "crops", ok, min_cells_per_well=summary["min_cells_per_well"])])
 
 
 class ProfileImportConfig(dg.Config):
@@ -219,11 +130,10 @@ def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: li
         fs = feature_sets.FeatureSetRef(imported["name"], imported["version"])
         feature_sets.normalize_feature_set(home, fs, imported["recipes"])
         result = feature_sets.evaluate_feature_set(home, fs, imported["recipes"], null_size=bioembed.null_size)
-        meta |= _evaluation_metadata(result, f"{fs.name}_")
+        meta |= evaluation_metadata(result, f"{fs.name}_")
     build_catalog(home.catalog_path, home.lake)
     return dg.MaterializeResult(metadata=meta)
 
 
-PER_PLATE_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, embeddings, well_profiles]
-ALL_ASSETS = [raw_plate, platemap, illumination, segmentation, crops, encoder, embeddings, well_profiles,
-              normalizer, normalized_profiles, evaluation, imported_profiles, imported_evaluation]
+INGEST_ASSETS = [raw_plate, platemap, illumination, segmentation, crops]
+IMPORT_ASSETS = [imported_profiles, imported_evaluation]

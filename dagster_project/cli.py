@@ -30,6 +30,8 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
     versions = [registry.get(setup.name) for setup in DEFAULT_ENCODERS]
     print("\nEncoders (MLflow champion): " + "; ".join(v.describe() for v in versions if v is not None))
+    if outcome.learning is not None:
+        _report_learning(outcome)
     if outcome.failures:
         print(f"\nFailed plates: {outcome.failures}")
     sql, result = run_example(home.catalog_path, "top_similar_wells")
@@ -43,6 +45,20 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     return 1 if outcome.failures else 0
 
 
+def _report_learning(outcome) -> None:
+    learning = outcome.learning
+    print("\nLearning loop (CA-MAE): champion = untrained v1, challenger = trained briefly on the demo plates")
+    print(learning.comparison)
+    print(f"Promotion rule: {learning.decision}")
+    if learning.promoted:
+        print("Promoted: champion moved to the challenger (old champion kept as `previous`); automation re-materialized "
+              + ", ".join(f"{k} ({n})" for k, n in learning.reembedded.items()))
+    else:
+        print("Not promoted: the rule kept the untrained champion; nothing was re-embedded.")
+    stages = {**outcome.stage_seconds, **learning.seconds}
+    print("Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
+
+
 def _demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from dataclasses import replace
@@ -50,7 +66,7 @@ def _demo(args: argparse.Namespace) -> int:
     from dagster_project.demo import DEMO_SCREEN, run_demo
 
     screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
-    outcome = run_demo(args.home, screen, null_size=args.null_size)
+    outcome = run_demo(args.home, screen, null_size=args.null_size, learn=not args.no_train)
     return _report(outcome, outcome.home.raw_root / "ground_truth.csv")
 
 
@@ -96,6 +112,98 @@ def _import_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    from bioembed_assets.training.loop import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+                       patience=args.patience, seed=args.seed, device=args.device, num_workers=args.workers,
+                       max_steps_per_epoch=args.max_steps)
+
+
+def _train(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from bioembed_assets import challenger
+    from bioembed_assets.pipeline import load_run_config
+    from bioembed_assets.training.run import train_challenger
+    from dagster_project.cli_progress import TqdmProgress
+    from dagster_project.demo import use_home
+    from dagster_project.resources import BioembedHome
+
+    home = use_home(args.home)
+    resource = BioembedHome(root=str(home.root), device=args.device, null_size=args.null_size)
+    registry, run_config = resource.registry(), load_run_config(home)
+    champion = resource.champion(args.encoder)
+    plates = args.plates.split(",") if args.plates else challenger.evaluation_plates(home, champion)
+    base = registry.load_version(champion)
+    outcome = train_challenger(home, registry, args.encoder, base, champion, plates, _train_config(args),
+                               resume=args.resume, progress=TqdmProgress())
+    if not args.no_evaluate:
+        for v in (champion, outcome.version):
+            if v is outcome.version or challenger.needs_evaluation(home, v, plates):
+                challenger.evaluate_version(home, registry, v, plates, run_config.recipes, device=args.device,
+                                            null_size=args.null_size)
+        print(challenger.compare_table(home, [("champion", champion), ("challenger", outcome.version)]))
+        print(f"\nNext: uv run bioembed promote --home {home.root} --encoder {args.encoder}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from bioembed_assets import challenger
+    from bioembed_assets.config import Home
+    from bioembed_assets.pipeline import load_run_config
+    from bioembed_assets.promotion import decide
+    from bioembed_assets.registry import CHALLENGER, CHAMPION, PREVIOUS, EncoderRegistry
+
+    home = Home(root=Path(args.home).expanduser().resolve())
+    registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+    versions = [(a, v) for a in (CHAMPION, CHALLENGER, PREVIOUS) if (v := registry.get(args.encoder, a)) is not None]
+    if not versions:
+        raise LookupError(f"encoder {args.encoder!r} is not registered in {home.mlflow_db}")
+    evaluated = [(a, v) for a, v in versions if challenger.version_metrics(home, v).height]
+    with _wide_tables():
+        print(challenger.compare_table(home, evaluated))
+    if any(a == CHALLENGER for a, _ in evaluated):
+        run_config = load_run_config(home)
+        print(decide(home, registry, args.encoder, run_config.promotion, list(run_config.recipes)).summary())
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from bioembed_assets.config import Home
+    from bioembed_assets.pipeline import load_run_config
+    from bioembed_assets.promotion import apply_promotion, decide, rollback
+    from bioembed_assets.registry import EncoderRegistry
+
+    home = Home(root=Path(args.home).expanduser().resolve())
+    registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+    if args.rollback:
+        version = rollback(registry, args.encoder)
+        print(f"{args.encoder}: champion moved back to v{version.version}")
+        return 0
+    if args.force is not None and not args.force.strip():
+        raise ValueError("--force needs a reason, e.g. --force 'validated on the external plate set'")
+    run_config = load_run_config(home)
+    decision = decide(home, registry, args.encoder, run_config.promotion, list(run_config.recipes))
+    with _wide_tables():
+        print(decision.table())
+    print(decision.summary())
+    if not decision.promote and args.force is None:
+        print("Not promoted (use --force REASON to override; the reason is recorded on the version).")
+        return 1
+    version = apply_promotion(registry, decision, force_reason=args.force)
+    print(f"{args.encoder}: champion is now v{version.version} ({version.tags.get('promoted_by')}); "
+          f"v{decision.champion.version} is `previous`. The registry sensor re-embeds its plates in Dagster.")
+    return 0
+
+
+def _wide_tables():
+    import polars as pl
+
+    return pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=3)
+
+
 def _sql(args: argparse.Namespace) -> int:
     from bioembed_assets.config import Home
     from bioembed_assets.store.catalog import connect
@@ -124,7 +232,36 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--plates", type=int, default=4, help="number of synthetic plates")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
+    demo.add_argument("--no-train", action="store_true", help="skip the train -> evaluate -> promote loop")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train an encoder on the home's plates and register it as challenger, "
+                           "then evaluate it against the champion")
+    train.add_argument("--home", required=True)
+    train.add_argument("--encoder", required=True, help="registered encoder name, e.g. ca_mae")
+    train.add_argument("--plates", default="", help="comma-separated plates (default: the champion's plates)")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--warmup-epochs", type=int, default=1)
+    train.add_argument("--patience", type=int, default=3, help="early stopping (epochs without a better val loss)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    train.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
+    train.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch")
+    train.add_argument("--resume", action="store_true", help="continue the last run from its checkpoint")
+    train.add_argument("--no-evaluate", action="store_true")
+    train.add_argument("--null-size", type=int, default=10000)
+    train.set_defaults(func=_train)
+    compare = sub.add_parser("compare", help="champion vs challenger (and previous): the same metrics, same plates")
+    compare.add_argument("--home", required=True)
+    compare.add_argument("--encoder", required=True)
+    compare.set_defaults(func=_compare)
+    promote = sub.add_parser("promote", help="apply the promotion rule: challenger -> champion if it wins")
+    promote.add_argument("--home", required=True)
+    promote.add_argument("--encoder", required=True)
+    promote.add_argument("--force", metavar="REASON", default=None, help="promote even if the rule says no")
+    promote.add_argument("--rollback", action="store_true", help="move champion back to `previous`")
+    promote.set_defaults(func=_promote)
     run = sub.add_parser("run", help="run the whole graph on real plates described by a TOML config")
     run.add_argument("--home", required=True, help="bioembed home folder (created if needed)")
     run.add_argument("--config", required=True, help="run configuration (TOML; see README)")

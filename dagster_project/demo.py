@@ -12,16 +12,10 @@ import dagster as dg
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
 from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
-from dagster_project.assets import (
-    ALL_ASSETS,
-    PER_PLATE_ASSETS,
-    encoder,
-    evaluation,
-    imported_evaluation,
-    imported_profiles,
-    normalized_profiles,
-    normalizer,
-)
+from dagster_project.assets import IMPORT_ASSETS
+from dagster_project.automation import report_champion_changes, requested_partitions, run_requested
+from dagster_project.definitions import build_definitions
+from dagster_project.graph import AssetGraph, build_graph
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
@@ -29,6 +23,23 @@ DEMO_SCREEN = SyntheticScreenConfig(n_plates=4, n_rows=8, n_cols=8, n_dmso_wells
 """The demo's screen: 4 plates of 64 wells (20 compounds x 2 replicates + 24 DMSO), 2 sites/well."""
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+DEMO_TRAINING = {"epochs": 3, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 1, "patience": 0, "seed": 0,
+                 "num_workers": 1, "promote": True}
+"""The demo's brief CA-MAE training (sized for ~5 minutes of demo on 2 CPU cores)."""
+
+
+@dataclass
+class LearningOutcome:
+    """The demo's train -> evaluate -> promote -> re-embed loop."""
+
+    decision: str
+    promoted: bool
+    comparison: str
+    reembedded: dict[str, int] = field(default_factory=dict)
+    """asset -> partitions automation re-materialized after the promotion."""
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,6 +50,8 @@ class DemoOutcome:
     plates_ok: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    learning: LearningOutcome | None = None
 
 
 def use_home(home_dir: str | Path) -> Home:
@@ -64,10 +77,11 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
-                     log=print) -> DemoOutcome:
+def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome, log=print,
+                     graph: AssetGraph | None = None) -> DemoOutcome:
     """Run the whole graph: each plate in its own run (a bad plate fails alone), then the
     cross-plate normalizer, each plate's normalized profiles, and the evaluation."""
+    graph = graph or build_graph(resource.encoders)
     instance = dg.DagsterInstance.get()
     known = set(instance.get_dynamic_partitions(plates.name))
     instance.add_dynamic_partitions(plates.name, [p for p in plate_names if p not in known])
@@ -75,14 +89,15 @@ def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
     outcome = DemoOutcome(home)
 
     def run(selection, partition: str | None = None) -> dg.ExecuteInProcessResult:
-        return dg.materialize(ALL_ASSETS, selection=selection, partition_key=partition, instance=instance,
+        return dg.materialize(graph.all, selection=selection, partition_key=partition, instance=instance,
                               resources=resources, raise_on_error=False, run_config=_QUIET)
 
-    if not (result := run([encoder])).success:
+    if not (result := run(graph.encoder_assets)).success:
         raise RuntimeError(f"registering the encoders failed: {_failure_message(result)}")
+    t_plates = time.perf_counter()
     for plate in plate_names:
         t0 = time.perf_counter()
-        result = run(PER_PLATE_ASSETS, plate)
+        result = run(graph.per_plate, plate)
         if result.success:
             outcome.plates_ok.append(plate)
             log(f"  plate {plate}: ingested, segmented, cropped, embedded, profiled "
@@ -92,24 +107,70 @@ def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
             log(f"  plate {plate}: FAILED - {outcome.failures[plate]}")
     if not outcome.plates_ok:
         raise RuntimeError(f"every plate failed: {outcome.failures}")
-    for selection, partitions in (([normalizer], [None]), ([normalized_profiles], outcome.plates_ok),
-                                  ([evaluation], [None])):
+    t_profiles = time.perf_counter()
+    outcome.stage_seconds["plates"] = t_profiles - t_plates
+    for selection, partitions in (([graph.normalizer], [None]), ([graph.normalized_profiles], outcome.plates_ok),
+                                  ([graph.evaluation], [None])):
         for partition in partitions:
             if not (result := run(selection, partition)).success:
                 raise RuntimeError(f"{selection[0].key.to_user_string()} failed: {_failure_message(result)}")
+    outcome.stage_seconds["normalize + evaluate"] = time.perf_counter() - t_profiles
     log("  normalizer fitted, plates normalized, evaluation done")
     return outcome
 
 
-def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = DEMO_SCREEN,
-             null_size: int = 10000, log=print) -> DemoOutcome:
-    """Generate a synthetic screen under `<home>/raw` and materialize everything."""
+def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder: str = "ca_mae",
+                  training: dict | None = None, log=print) -> LearningOutcome:
+    """Train a challenger of `encoder` through its Dagster asset (evaluate it against the champion,
+    apply the rule), then let the registry sensor and declarative automation re-embed if it was promoted."""
+    instance, resources = dg.DagsterInstance.get(), {"bioembed": resource}
+    defs = build_definitions(graph)
+    cursor = dg.evaluate_automation_conditions(defs, instance).cursor  # the baseline tick before the promotion
+    t0 = time.perf_counter()
+    run_config = {**_QUIET, "ops": {f"challenger__{encoder}": {"config": training or DEMO_TRAINING}}}
+    result = dg.materialize(graph.all, selection=[graph.challengers[encoder]], instance=instance, resources=resources,
+                            run_config=run_config, raise_on_error=False)
+    if not result.success:
+        raise RuntimeError(f"challenger/{encoder} failed: {_failure_message(result)}")
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    value = {k: getattr(v, "value", v) for k, v in meta.items()}
+    outcome = LearningOutcome(decision=value["decision"], promoted=bool(value["promoted"]),
+                              comparison=value["comparison"])
+    outcome.seconds["train"] = float(value.get("training_seconds", 0.0))
+    outcome.seconds["evaluate + decide"] = time.perf_counter() - t0 - outcome.seconds["train"]
+    log(f"  challenger/{encoder}: trained {value.get('epochs_run')} epochs in {outcome.seconds['train']:.0f} s; "
+        f"{outcome.decision}")
+    t1 = time.perf_counter()
+    changed = report_champion_changes(instance, resource.registry(), graph.encoders)
+    tick = dg.evaluate_automation_conditions(defs, instance, cursor=cursor)
+    requested = requested_partitions(tick, graph.all)
+    runs = run_requested(requested, graph.all, instance, resources)
+    failed = [_failure_message(r) for r in runs if not r.success]
+    if failed:
+        raise RuntimeError(f"re-embedding after the promotion failed: {failed[0]}")
+    outcome.reembedded = {k.to_user_string(): len(v) for k, v in requested.items()}
+    outcome.seconds["re-embed + downstream"] = time.perf_counter() - t1
+    if changed:
+        log(f"  {', '.join(changed)} changed; automation re-materialized "
+            + ", ".join(f"{k} ({n})" for k, n in outcome.reembedded.items())
+            + f" in {outcome.seconds['re-embed + downstream']:.0f} s")
+    return outcome
+
+
+def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = DEMO_SCREEN, null_size: int = 10000,
+             log=print, learn: bool = True, training: dict | None = None) -> DemoOutcome:
+    """Generate a synthetic screen under `<home>/raw`, materialize everything, then (with `learn`)
+    train a CA-MAE challenger, evaluate it against the untrained champion and promote it by the rule."""
     t0 = time.perf_counter()
     home = use_home(home_dir)
     log(f"bioembed demo: home {home.root}")
     plate_names = generate_screen(home.raw_root, screen)
     log(f"  synthetic screen: {len(plate_names)} plates under {home.raw_root}")
-    outcome = materialize_home(home, plate_names, BioembedHome(root=str(home.root), null_size=null_size), log)
+    resource = BioembedHome(root=str(home.root), null_size=null_size)
+    graph = build_graph(resource.encoders)
+    outcome = materialize_home(home, plate_names, resource, log, graph)
+    if learn:
+        outcome.learning = learning_loop(home, resource, graph, training=training, log=log)
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
@@ -136,7 +197,7 @@ def import_with_dagster(home_dir: str | Path, import_config: dict, null_size: in
     name/version."""
     home = use_home(home_dir)
     run_config = {**_QUIET, "ops": {"imported_profiles": {"config": import_config}}}
-    result = dg.materialize([imported_profiles, imported_evaluation], instance=dg.DagsterInstance.get(),
+    result = dg.materialize(IMPORT_ASSETS, instance=dg.DagsterInstance.get(),
                             resources={"bioembed": BioembedHome(root=str(home.root), null_size=null_size)},
                             run_config=run_config, raise_on_error=False)
     if not result.success:

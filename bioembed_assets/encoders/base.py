@@ -80,7 +80,7 @@ def register_family(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
 
 def _import_families() -> None:
     # Importing the family modules runs their @register_family decorators.
-    from bioembed_assets.encoders import camae, classical  # noqa: F401
+    from bioembed_assets.encoders import autoencoder, camae, classical, supervised  # noqa: F401
 
 
 def list_families() -> list[str]:

@@ -6,12 +6,15 @@ patches by one shared 1-channel conv; tokens are channel-major (all patches of c
 channel 1, ...); a frozen 2-D sin-cos position table is tiled per channel; there is no channel
 embedding, so the pooled embedding does not depend on channel order. Blocks are timm-style
 `ParallelScalingBlock`s with the *legacy* (timm <= 1.0.24) MLP-bias placement OpenPhenom was trained with.
+The decoder, the MAE objective and reconstruction live in `camae_decoder.py`; an encoder may carry one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioembed_assets.encoders.base import EncoderSpec, register_family
-from bioembed_assets.encoders.checkpoints import load_openphenom_backbone
+from bioembed_assets.encoders.checkpoints import load_openphenom_backbone, strip_wrapper_prefixes
+
+if TYPE_CHECKING:
+    from bioembed_assets.encoders.camae_decoder import CAMAEModel
 
 LN_EPS = 1e-6
 INSTANCE_NORM_EPS = 1e-5
@@ -223,10 +229,19 @@ class CAMAEEncoder:
 
     Masks are ignored (whole crops are embedded). With `channelwise`, `embed` returns the per-channel
     embeddings concatenated (B, num_channels * D), so the channel count is fixed at build time.
+    An encoder may carry its MAE decoder (`mae`, sharing `module`) for `reconstruct` and training.
     """
 
-    def __init__(self, module: ChannelAgnosticViT, spec: EncoderSpec, channelwise: bool = False) -> None:
-        self.module, self.spec, self.channelwise = module.eval(), spec, channelwise
+    def __init__(
+        self,
+        module: ChannelAgnosticViT,
+        spec: EncoderSpec,
+        channelwise: bool = False,
+        mae: CAMAEModel | None = None,
+    ) -> None:
+        if mae is not None and mae.backbone is not module:
+            raise ValueError("the MAE must wrap this encoder's own backbone module")
+        self.module, self.spec, self.channelwise, self.mae = module.eval(), spec, channelwise, mae
         self.num_channels: int | None = spec.config.get("num_channels")
 
     @property
@@ -250,15 +265,69 @@ class CAMAEEncoder:
         return out.float().cpu().numpy()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+        """Backbone keys (no prefix); with a decoder, the full OpenPhenom names (`encoder.vit_backbone.*`, ...)."""
+        return (self.mae if self.mae is not None else self.module).state_dict()
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> Any:
-        """Strict load; also accepts full OpenPhenom names (`encoder.vit_backbone.*`) and a missing pos_embed."""
+        """Strict load of backbone keys or full OpenPhenom names (a missing frozen pos_embed is regenerated).
+
+        With a decoder, a state dict holding `decoder.*` keys must be a complete OpenPhenom-named
+        checkpoint; one without them loads the backbone only (the decoder keeps its weights).
+        Without a decoder, decoder and head keys are ignored.
+        """
+        if self.mae is not None and any(k.startswith("decoder.") for k in strip_wrapper_prefixes(state_dict)):
+            from bioembed_assets.encoders.camae_decoder import load_openphenom_mae
+
+            return load_openphenom_mae(state_dict, self.mae)
         return load_openphenom_backbone(state_dict, self.module)
 
     def to(self, device: str | torch.device) -> CAMAEEncoder:
-        self.module.to(device)
+        (self.mae if self.mae is not None else self.module).to(device)
         return self
+
+    def reconstruct(
+        self, images: np.ndarray, mask_channels: Sequence[int] = (), mask_ratio: float = 0.0, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Crops (B, C, H, W) as `embed` takes them -> {"images", "target"} float32 and "mask" bool (B, C, H, W).
+
+        See `CAMAEModel.reconstruct`: `mask_channels` are in-painted from the other channels, a random
+        `mask_ratio` of the remaining tokens (drawn from `seed`) is hidden too; values are in
+        self-standardized units.
+        """
+        if self.mae is None:
+            raise RuntimeError(
+                "this CA-MAE encoder has no decoder: build it with decoder='demo' or 'openphenom' "
+                "(and load trained MAE weights), or train it via training_module()"
+            )
+        x = torch.from_numpy(to_0_255(np.asarray(images))).to(self.device)
+        generator = torch.Generator().manual_seed(seed)
+        was_training = self.mae.training
+        try:
+            with torch.inference_mode(), _autocast(self.device):
+                out = self.mae.eval().reconstruct(x, mask_channels, mask_ratio, generator)
+        finally:
+            self.mae.train(was_training)
+        return {k: v.cpu().numpy() if k == "mask" else v.float().cpu().numpy() for k, v in out.items()}
+
+    def training_module(self, classes: Sequence[str] | None = None) -> nn.Module:
+        """A module whose `forward(images_0_255, labels)` returns {"loss", "mse_visible"} (labels ignored).
+
+        It shares parameters with this encoder, so training it trains the encoder. Without a decoder,
+        the default one for the preset is attached ("openphenom" for vit_small_patch16_256, else
+        "demo"; widened to `num_channels` modalities if needed) and recorded in `spec.config["decoder"]`.
+        The mask ratio is `spec.config.get("mask_ratio", 0.75)`.
+        """
+        from bioembed_assets.encoders.camae_decoder import DECODER_PRESETS, MAETrainingModule, attach_decoder
+
+        if self.mae is None:
+            config = self.spec.config
+            name = "openphenom" if config.get("preset") == "vit_small_patch16_256" else "demo"
+            decoder: str | dict[str, Any] = name
+            if (config.get("num_channels") or 0) > DECODER_PRESETS[name]["num_modalities"]:
+                decoder = {"preset": name, "num_modalities": config["num_channels"]}
+            self.mae = attach_decoder(self.module, decoder, config.get("seed", 0))
+            self.spec = dataclasses.replace(self.spec, config={**config, "decoder": decoder})
+        return MAETrainingModule(self.mae, self.spec.config.get("mask_ratio", 0.75))
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -284,13 +353,17 @@ def build_ca_mae(
     channelwise: bool = False,
     seed: int = 0,
     num_channels: int | None = None,
+    decoder: str | Mapping[str, Any] | None = None,
+    mask_ratio: float | None = None,
     **overrides: Any,
 ) -> CAMAEEncoder:
     """Build a CA-MAE encoder (random weights from `seed`; load trained ones with `load_state_dict`).
 
     `overrides` change preset fields (img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
     max_in_chans, init_values). `channelwise=True` needs `num_channels`: the embedding is then
-    (num_channels * embed_dim), one block per input channel in input order.
+    (num_channels * embed_dim), one block per input channel in input order. `decoder` (a
+    `DECODER_PRESETS` name or a dict of decoder args) attaches an MAE decoder, initialised from
+    `seed + 1`; `mask_ratio` is the training mask ratio (default 0.75). `embed` is unaffected by both.
     """
     if channelwise and num_channels is None:
         raise ValueError("channelwise CA-MAE embeddings need num_channels (embedding_dim = num_channels * embed_dim)")
@@ -300,6 +373,17 @@ def build_ca_mae(
     config: dict[str, Any] = dict(preset=preset, channelwise=channelwise, seed=seed, **overrides)
     if num_channels is not None:
         config["num_channels"] = num_channels
+    mae = None
+    if decoder is not None:
+        from bioembed_assets.encoders.camae_decoder import attach_decoder
+
+        decoder = decoder if isinstance(decoder, str) else dict(decoder)
+        mae = attach_decoder(module, decoder, seed)
+        config["decoder"] = decoder
+    if mask_ratio is not None:
+        if not 0.0 < mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+        config["mask_ratio"] = mask_ratio
     dim = module.embed_dim * (num_channels if channelwise else 1)
     spec = EncoderSpec(
         family="ca_mae",
@@ -310,4 +394,4 @@ def build_ca_mae(
         trainable=True,
         config=config,
     )
-    return CAMAEEncoder(module, spec, channelwise)
+    return CAMAEEncoder(module, spec, channelwise, mae)

@@ -1,0 +1,131 @@
+"""The whole asset graph for a list of encoders: ingest, one lineage per encoder, profiles, evaluation.
+
+Profiles and evaluation cover every configured encoder's champion. They carry a propagating
+automation condition: when an upstream asset is requested in the same automation tick (an
+encoder's re-embedding after a promotion), they are requested too, so one tick refreshes
+everything downstream of the new champion; ordinary plate runs and backfills do not trigger them.
+"""
+
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dagster as dg
+
+from bioembed_assets import challenger as challenger_lib
+from bioembed_assets import feature_sets, pipeline
+from bioembed_assets.pipeline import EncoderSetup, encoder_setups
+from bioembed_assets.store.catalog import build_catalog
+from dagster_project.assets import (
+    EVALUATE,
+    IMPORT_ASSETS,
+    INGEST_ASSETS,
+    PROFILE,
+    evaluation_metadata,
+    platemap,
+)
+from dagster_project.encoder_assets import build_encoder_assets, embeddings_key
+from dagster_project.partitions import plates
+from dagster_project.resources import BioembedHome
+
+
+def follow_upstream_requests(partitioned: bool) -> dg.AutomationCondition:
+    """Requested when a dependency will be requested in the same tick (and, per plate, none is missing)."""
+    cond = dg.AutomationCondition.any_deps_match(dg.AutomationCondition.will_be_requested())
+    if partitioned:
+        cond = cond & ~dg.AutomationCondition.any_deps_missing()
+    return (cond & ~dg.AutomationCondition.in_progress()).with_label("refresh after upstream re-embedding")
+
+
+def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefinition]:
+    """well_profiles, normalizer, normalized_profiles and evaluation over `setups`' champions."""
+    names = [s.name for s in setups]
+
+    @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[*(embeddings_key(n) for n in names), platemap],
+              kinds={"parquet"}, automation_condition=follow_upstream_requests(True))
+    def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        """Cell -> well aggregation (median) of each encoder's champion embeddings, joined to the platemap."""
+        home, meta = bioembed.home(), {}
+        for name in names:
+            version = bioembed.champion(name)
+            summary = pipeline.profile_plate(home, context.partition_key, version)
+            meta[name] = f"v{version.version}: {summary['wells']} wells"
+            meta["cells_excluded_by_qc"] = summary["cells_excluded_by_qc"]
+        return dg.MaterializeResult(metadata=meta)
+
+    @dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"}, automation_condition=follow_upstream_requests(False))
+    def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        """Each configured normalization recipe (default: the OpenPhenom card recipe, PCA on negative
+        controls + per-plate scaling) fitted on all plates; parameters stored under the home."""
+        home, recipes, meta = bioembed.home(), bioembed.run_config().recipes, {}
+        for name in names:
+            version = bioembed.champion(name)
+            for recipe, spec in recipes.items():
+                summary = feature_sets.fit_normalizer(home, version, recipe, spec)
+                meta[f"{name}/{recipe}"] = (f"v{version.version} {summary['steps']}: {summary['control_wells']} control "
+                                            f"wells on {summary['plates']} plates, {summary['features_out']} features out")
+        return dg.MaterializeResult(metadata=meta)
+
+    @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[normalizer, well_profiles], kinds={"parquet"},
+              automation_condition=follow_upstream_requests(True))
+    def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        """Each plate's well profiles through every fitted recipe (rows record recipe name and steps)."""
+        home, recipes = bioembed.home(), bioembed.run_config().recipes
+        for name in names:
+            for recipe in recipes:
+                feature_sets.normalize_plate(home, context.partition_key, bioembed.champion(name), recipe)
+        build_catalog(home.catalog_path, home.lake)
+        return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes)})
+
+    @dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"},
+              automation_condition=follow_upstream_requests(False))
+    def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        """Replicate mAP vs negative controls (p-values, BH-FDR, fraction retrieved), MoA retrieval and
+        plate effect, before and after each recipe, for each encoder's champion; one MLflow run per
+        (version, recipe), linked to the version's logged model."""
+        home, registry, recipes = bioembed.home(), bioembed.registry(), bioembed.run_config().recipes
+        meta: dict[str, dg.MetadataValue | str | float] = {}
+        for name in names:
+            version = bioembed.champion(name)
+            result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=bioembed.null_size)
+            registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
+                                           for r in result.metrics.iter_rows(named=True)})
+            plates_ = challenger_lib.evaluation_plates(home, version)
+            challenger_lib.log_evaluation_runs(home, registry, version, result, recipes, plates_)
+            meta |= evaluation_metadata(result, f"{name}_")
+        build_catalog(home.catalog_path, home.lake)
+        meta["catalog"] = dg.MetadataValue.path(str(home.catalog_path))
+        return dg.MaterializeResult(metadata=meta)
+
+    return [well_profiles, normalizer, normalized_profiles, evaluation]
+
+
+@dataclass(frozen=True)
+class AssetGraph:
+    """Every asset of a deployment and the named subsets the demo, sensors and tests run."""
+
+    encoders: tuple[str, ...]
+    all: list[dg.AssetsDefinition]
+    per_plate: list[dg.AssetsDefinition]
+    """Ingest, each encoder's embeddings and well profiles: what one plate's run materializes."""
+    encoder_assets: list[dg.AssetsDefinition]
+    challengers: dict[str, dg.AssetsDefinition]
+    well_profiles: dg.AssetsDefinition
+    normalizer: dg.AssetsDefinition
+    normalized_profiles: dg.AssetsDefinition
+    evaluation: dg.AssetsDefinition
+
+
+def build_graph(encoder_names: Sequence[str]) -> AssetGraph:
+    """The asset graph for the named encoders (see `pipeline.DEFAULT_ENCODERS`)."""
+    setups = encoder_setups(encoder_names)
+    per_encoder = {s.name: build_encoder_assets(s) for s in setups}
+    profile = build_profile_assets(setups)
+    well_profiles = profile[0]
+    return AssetGraph(
+        encoders=tuple(encoder_names),
+        all=[*INGEST_ASSETS, *(a for assets in per_encoder.values() for a in assets), *profile, *IMPORT_ASSETS],
+        per_plate=[*INGEST_ASSETS, *(assets[1] for assets in per_encoder.values()), well_profiles],
+        encoder_assets=[assets[0] for assets in per_encoder.values()],
+        challengers={n: assets[2] for n, assets in per_encoder.items() if len(assets) > 2},
+        well_profiles=well_profiles, normalizer=profile[1], normalized_profiles=profile[2], evaluation=profile[3])
