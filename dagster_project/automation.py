@@ -46,3 +46,23 @@ def run_requested(requested: dict[dg.AssetKey, set[str | None]], assets: list[dg
             results.append(dg.materialize(assets, selection=selection, partition_key=partition, instance=instance,
                                           resources=resources, raise_on_error=False, run_config=_QUIET))
     return results
+
+
+def settle(defs: dg.Definitions, assets: list[dg.AssetsDefinition], instance: dg.DagsterInstance, resources: dict,
+           cursor, max_ticks: int = 8) -> tuple[list[dict[dg.AssetKey, set[str | None]]], object]:
+    """Automation ticks, each followed by its requested runs, until a tick requests nothing.
+
+    Returns what each tick requested and the last cursor. Raises RuntimeError if a run fails.
+    """
+    ticks = []
+    for _ in range(max_ticks):
+        result = dg.evaluate_automation_conditions(defs, instance, cursor=cursor)
+        cursor = result.cursor
+        requested = requested_partitions(result, assets)
+        if not requested:
+            return ticks, cursor
+        ticks.append(requested)
+        for run in run_requested(requested, assets, instance, resources):
+            if not run.success:
+                raise RuntimeError(f"automation run of {sorted(k.to_user_string() for k in requested)} failed")
+    raise RuntimeError(f"automation did not settle within {max_ticks} ticks")

@@ -13,7 +13,7 @@ from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
 from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from dagster_project.assets import IMPORT_ASSETS
-from dagster_project.automation import report_champion_changes, requested_partitions, run_requested
+from dagster_project.automation import report_champion_changes, settle
 from dagster_project.definitions import build_definitions
 from dagster_project.graph import AssetGraph, build_graph
 from dagster_project.partitions import plates
@@ -142,13 +142,10 @@ def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder
         f"{outcome.decision}")
     t1 = time.perf_counter()
     changed = report_champion_changes(instance, resource.registry(), graph.encoders)
-    tick = dg.evaluate_automation_conditions(defs, instance, cursor=cursor)
-    requested = requested_partitions(tick, graph.all)
-    runs = run_requested(requested, graph.all, instance, resources)
-    failed = [_failure_message(r) for r in runs if not r.success]
-    if failed:
-        raise RuntimeError(f"re-embedding after the promotion failed: {failed[0]}")
-    outcome.reembedded = {k.to_user_string(): len(v) for k, v in requested.items()}
+    ticks, _ = settle(defs, graph.all, instance, resources, cursor)
+    for requested in ticks:
+        for key, partitions in requested.items():
+            outcome.reembedded[key.to_user_string()] = outcome.reembedded.get(key.to_user_string(), 0) + len(partitions)
     outcome.seconds["re-embed + downstream"] = time.perf_counter() - t1
     if changed:
         log(f"  {', '.join(changed)} changed; automation re-materialized "

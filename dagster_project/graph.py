@@ -1,9 +1,9 @@
 """The whole asset graph for a list of encoders: ingest, one lineage per encoder, profiles, evaluation.
 
-Profiles and evaluation cover every configured encoder's champion. They carry a propagating
-automation condition: when an upstream asset is requested in the same automation tick (an
-encoder's re-embedding after a promotion), they are requested too, so one tick refreshes
-everything downstream of the new champion; ordinary plate runs and backfills do not trigger them.
+Profiles and evaluation cover every configured encoder's champion. They refresh by declarative
+automation when their inputs change (an encoder's re-embedding after a promotion, a new plate),
+tick by tick down the graph: well profiles with the embeddings, then the normalizer, the
+normalized profiles and the evaluation.
 """
 
 
@@ -29,12 +29,18 @@ from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
 
-def follow_upstream_requests(partitioned: bool) -> dg.AutomationCondition:
-    """Requested when a dependency will be requested in the same tick (and, per plate, none is missing)."""
-    cond = dg.AutomationCondition.any_deps_match(dg.AutomationCondition.will_be_requested())
+def refresh_when_upstream_updates(partitioned: bool, only: dg.AssetsDefinition | None = None) -> dg.AutomationCondition:
+    """Eager without `newly_missing`: requested once a dependency (or just `only`) is updated, or
+    will be in the same run, when none is in progress (and, per plate, none is missing). Missing
+    partitions are left to the plate sensor and backfills."""
+    updated = dg.AutomationCondition.any_deps_updated()
+    if only is not None:
+        updated = updated.allow(dg.AssetSelection.assets(only))
+    cond = (updated.since_last_handled()
+            & ~dg.AutomationCondition.any_deps_in_progress() & ~dg.AutomationCondition.in_progress())
     if partitioned:
         cond = cond & ~dg.AutomationCondition.any_deps_missing()
-    return (cond & ~dg.AutomationCondition.in_progress()).with_label("refresh after upstream re-embedding")
+    return cond.with_label("refresh when upstream updates")
 
 
 def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefinition]:
@@ -42,7 +48,7 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
     names = [s.name for s in setups]
 
     @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[*(embeddings_key(n) for n in names), platemap],
-              kinds={"parquet"}, automation_condition=follow_upstream_requests(True))
+              kinds={"parquet"}, automation_condition=refresh_when_upstream_updates(True))
     def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Cell -> well aggregation (median) of each encoder's champion embeddings, joined to the platemap."""
         home, meta = bioembed.home(), {}
@@ -53,7 +59,8 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
             meta["cells_excluded_by_qc"] = summary["cells_excluded_by_qc"]
         return dg.MaterializeResult(metadata=meta)
 
-    @dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"}, automation_condition=follow_upstream_requests(False))
+    @dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"},
+              automation_condition=refresh_when_upstream_updates(False))
     def normalizer(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Each configured normalization recipe (default: the OpenPhenom card recipe, PCA on negative
         controls + per-plate scaling) fitted on all plates; parameters stored under the home."""
@@ -67,7 +74,7 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         return dg.MaterializeResult(metadata=meta)
 
     @dg.asset(partitions_def=plates, group_name=PROFILE, deps=[normalizer, well_profiles], kinds={"parquet"},
-              automation_condition=follow_upstream_requests(True))
+              automation_condition=refresh_when_upstream_updates(True, only=normalizer))  # after the refit
     def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Each plate's well profiles through every fitted recipe (rows record recipe name and steps)."""
         home, recipes = bioembed.home(), bioembed.run_config().recipes
@@ -78,7 +85,7 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes)})
 
     @dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"},
-              automation_condition=follow_upstream_requests(False))
+              automation_condition=refresh_when_upstream_updates(False))
     def evaluation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Replicate mAP vs negative controls (p-values, BH-FDR, fraction retrieved), MoA retrieval and
         plate effect, before and after each recipe, for each encoder's champion; one MLflow run per

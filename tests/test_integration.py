@@ -10,8 +10,7 @@ import pytest
 from bioembed_assets.registry import CHAMPION, EncoderRegistry
 from bioembed_assets.store.catalog import connect, example_queries
 from bioembed_assets.store.lake import Lake
-from dagster_project.assets import ALL_ASSETS, PER_PLATE_ASSETS, normalized_profiles
-from dagster_project.definitions import defs
+from dagster_project.definitions import GRAPH, defs
 from dagster_project.resources import BioembedHome
 
 pytestmark = pytest.mark.integration
@@ -26,8 +25,10 @@ def test_definitions_load_with_full_lineage() -> None:
     assert upstream["illumination"] == {"raw_plate"}
     assert upstream["segmentation"] == {"illumination"}
     assert upstream["crops"] == {"segmentation"}
-    assert upstream["embeddings"] == {"crops", "encoder"}
-    assert upstream["well_profiles"] == {"embeddings", "platemap"}
+    for name in ("classical", "ca_mae"):  # one lineage per encoder
+        assert upstream[f"embeddings/{name}"] == {"crops", f"encoder/{name}"}
+    assert upstream["challenger/ca_mae"] == {"crops", "encoder/ca_mae"}
+    assert upstream["well_profiles"] == {"embeddings/classical", "embeddings/ca_mae", "platemap"}
     assert upstream["normalizer"] == {"well_profiles"}
     assert upstream["normalized_profiles"] == {"normalizer", "well_profiles"}
     assert upstream["evaluation"] == {"normalized_profiles"}
@@ -121,12 +122,14 @@ def test_rematerializing_a_plate_is_identical_and_adds_no_duplicates(materialize
     resources = {"bioembed": BioembedHome(root=str(home.root), null_size=1000)}
     instance = dg.DagsterInstance.get()
     checks = []
-    for selection in (PER_PLATE_ASSETS, [normalized_profiles]):
-        result = dg.materialize(ALL_ASSETS, selection=selection, partition_key=plate, instance=instance,
+    for selection in (GRAPH.per_plate, [GRAPH.normalized_profiles]):
+        result = dg.materialize(GRAPH.all, selection=selection, partition_key=plate, instance=instance,
                                 resources=resources)
         assert result.success
         checks += result.get_asset_check_evaluations()
-    assert {c.check_name for c in checks} == {"negative_controls_present", "cells_per_well", "embeddings_finite"}
+    assert {(c.asset_key.to_user_string(), c.check_name) for c in checks} == {
+        ("platemap", "negative_controls_present"), ("crops", "cells_per_well"),
+        ("embeddings/classical", "embeddings_finite"), ("embeddings/ca_mae", "embeddings_finite")}
     assert all(c.passed for c in checks)
     after = snapshot()
     for table, df in before.items():

@@ -12,13 +12,15 @@ from bioembed_assets.config import Home, RunConfig
 from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from bioembed_assets.sources.validate import check_plate_folder
+from dagster_project.definitions import GRAPH
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
-from dagster_project.sensors import new_plate_sensor
+from dagster_project.sensors import build_plate_sensor
 
 from .conftest import BBBC013_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+new_plate_sensor = build_plate_sensor(GRAPH)
 
 ONE_SMALL_PLATE = SyntheticScreenConfig(
     n_plates=1, n_rows=2, n_cols=3, sites_per_well=1, image_size=64, n_moas=1, compounds_per_moa=1,
