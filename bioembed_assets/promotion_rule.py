@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 LOWER_IS_BETTER = frozenset({"batch_silhouette", "batch_knn_accuracy"})
 """Plate-effect scores: lower means less plate effect. Every other metric is higher-is-better."""
@@ -23,11 +23,15 @@ class PromotionRule(BaseModel):
     guards: dict[str, float] = Field(default_factory=lambda: {"moa_map": 0.05, "nonrep_map": 0.05})
     """metric -> tolerance: how much worse than the champion each guard may get."""
 
-    def check_names(self, recipes: list[str] | tuple[str, ...]) -> None:
-        """ValueError for a metric or recipe the evaluation does not produce."""
+    @model_validator(mode="after")
+    def _known_metrics(self) -> PromotionRule:
         unknown = sorted({self.metric, *self.guards} - RULE_METRICS)
         if unknown:
             raise ValueError(f"promotion rule names unknown metric(s) {unknown}; known: {sorted(RULE_METRICS)}")
+        return self
+
+    def check_names(self, recipes: list[str] | tuple[str, ...]) -> None:
+        """ValueError for a recipe that is not configured (metric names are checked on creation)."""
         if self.recipe not in ("raw", *recipes):
             raise ValueError(f"promotion rule names recipe {self.recipe!r}, which is not configured; "
                              f"configured: {['raw', *recipes]}")

@@ -45,18 +45,34 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     return 1 if outcome.failures else 0
 
 
+KEY_METRICS = ("replicate_map", "fraction_retrieved", "nonrep_map", "moa_map", "nsc_accuracy", "batch_knn_accuracy")
+
+
 def _report_learning(outcome) -> None:
-    learning = outcome.learning
-    print("\nLearning loop (CA-MAE): champion = untrained v1, challenger = trained briefly on the demo plates")
-    print(learning.comparison)
+    import polars as pl
+
+    from bioembed_assets.challenger import compare_table
+    from bioembed_assets.registry import EncoderRegistry
+
+    learning, home = outcome.learning, outcome.home
+    registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+    versions = [("champion", registry.version(learning.encoder, learning.champion_version)),
+                ("challenger", registry.version(learning.encoder, learning.challenger_version))]
+    print(f"\nLearning loop ({learning.encoder}): champion v{learning.champion_version} (untrained) vs challenger "
+          f"v{learning.challenger_version} (trained briefly on the demo plates); same plates, recipes and metrics")
+    table = compare_table(home, versions).filter(pl.col("metric").is_in(KEY_METRICS))
+    with _wide_tables():
+        print(table)
     print(f"Promotion rule: {learning.decision}")
     if learning.promoted:
-        print("Promoted: champion moved to the challenger (old champion kept as `previous`); automation re-materialized "
+        print("Promoted: `champion` moved to the challenger, the old one kept as `previous`; the registry sensor "
+              "reported it and declarative automation re-materialized "
               + ", ".join(f"{k} ({n})" for k, n in learning.reembedded.items()))
     else:
-        print("Not promoted: the rule kept the untrained champion; nothing was re-embedded.")
+        print("Not promoted: the rule kept the untrained champion, so nothing was re-embedded.")
     stages = {**outcome.stage_seconds, **learning.seconds}
     print("Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
+    print(f"Full comparison: uv run bioembed compare --home {home.root} --encoder {learning.encoder}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -218,6 +234,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message=".*backfill_policy.*")
     warnings.filterwarnings("ignore", message=".*varying BackfillPolicies.*")
+    warnings.filterwarnings("ignore", message=".*include_sources.*")
+    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
+    logging.getLogger("dagster.automation_condition_tester").setLevel(logging.WARNING)
     import mlflow  # noqa: F401  (configures its logger on import; quiet it afterwards)
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -25,7 +25,7 @@ DEMO_SCREEN = SyntheticScreenConfig(n_plates=4, n_rows=8, n_cols=8, n_dmso_wells
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-DEMO_TRAINING = {"epochs": 3, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 1, "patience": 0, "seed": 0,
+DEMO_TRAINING = {"epochs": 6, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 1, "patience": 0, "seed": 0,
                  "num_workers": 1, "promote": True}
 """The demo's brief CA-MAE training (sized for ~5 minutes of demo on 2 CPU cores)."""
 
@@ -34,9 +34,11 @@ DEMO_TRAINING = {"epochs": 3, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 1, 
 class LearningOutcome:
     """The demo's train -> evaluate -> promote -> re-embed loop."""
 
+    encoder: str
+    champion_version: str
+    challenger_version: str
     decision: str
     promoted: bool
-    comparison: str
     reembedded: dict[str, int] = field(default_factory=dict)
     """asset -> partitions automation re-materialized after the promotion."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -134,8 +136,8 @@ def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder
         raise RuntimeError(f"challenger/{encoder} failed: {_failure_message(result)}")
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     value = {k: getattr(v, "value", v) for k, v in meta.items()}
-    outcome = LearningOutcome(decision=value["decision"], promoted=bool(value["promoted"]),
-                              comparison=value["comparison"])
+    outcome = LearningOutcome(encoder, str(value["champion_version"]), str(value["challenger_version"]),
+                              decision=value["decision"], promoted=bool(value["promoted"]))
     outcome.seconds["train"] = float(value.get("training_seconds", 0.0))
     outcome.seconds["evaluate + decide"] = time.perf_counter() - t0 - outcome.seconds["train"]
     log(f"  challenger/{encoder}: trained {value.get('epochs_run')} epochs in {outcome.seconds['train']:.0f} s; "

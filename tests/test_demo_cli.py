@@ -13,10 +13,10 @@ from bioembed_assets.store.catalog import connect
 pytestmark = pytest.mark.slow
 
 
-def _demo(home: Path) -> str:
+def _demo(home: Path, *extra: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "BIOEMBED_HOME")}
-    proc = subprocess.run([sys.executable, "-m", "dagster_project.cli", "demo", "--home", str(home), "--plates", "2"],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "dagster_project.cli", "demo", "--home", str(home), "--plates", "2",
+                           *extra], capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -31,9 +31,11 @@ def test_demo_reports_and_is_safe_to_rerun(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
     out = _demo(home)
     for expected in ("Per encoder", "ca_mae", "classical", "rep mAP", "nonrep mAP", "NSC", "plate kNN", "Ground truth",
-                     "DuckDB catalog:", "Example query", "dagster dev", "mlflow ui", "Finished in", "untrained"):
+                     "DuckDB catalog:", "Example query", "dagster dev", "mlflow ui", "Finished in", "untrained",
+                     "Learning loop (ca_mae)", "challenger v2", "Promotion rule:", "Stage times:", "train "):
         assert expected in out, expected
+    assert ("Promoted:" in out and "embeddings/ca_mae (2)" in out) or "Not promoted" in out
     first = _counts(home)
     assert all(n > 0 for n in first.values()), first
-    _demo(home)
+    _demo(home, "--no-train")  # the same plates again: every partition replaced, no duplicates, no new version
     assert _counts(home) == first

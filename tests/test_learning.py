@@ -271,3 +271,59 @@ def test_promotion_rule_errors(learning: LearningHome) -> None:
         decide(home, registry, "ca_mae", PromotionRule(recipe="tvn"), ["card"])
     with pytest.raises(LookupError, match="no version with alias 'challenger'"):
         decide(home, registry, "classical", PromotionRule(), ["card"])
+
+
+def test_forced_promotion_needs_a_reason_and_is_recorded(learning: LearningHome, capsys) -> None:
+    from bioembed_assets.challenger import evaluate_version
+    from bioembed_assets.promotion import apply_promotion
+    from dagster_project.cli import main
+
+    home, registry = learning.home, learning.registry
+    champion = registry.get("ca_mae")
+    candidate = registry.register("ca_mae", build_encoder("ca_mae", preset="demo", seed=11, decoder="demo"),
+                                  trained=False, alias=CHALLENGER)
+    evaluate_version(home, registry, candidate, learning.plates, {"card": "card"}, null_size=100, log=lambda *_: None)
+    assert main(["compare", "--home", str(home.root), "--encoder", "ca_mae"]) == 0
+    out = capsys.readouterr().out
+    assert f"champion v{champion.version}" in out and f"challenger v{candidate.version}" in out
+    refuse = PromotionRule(min_margin=1.0, guards={})  # no challenger can win by a whole mAP unit
+    decision = decide(home, registry, "ca_mae", refuse, ["card"])
+    assert not decision.promote and decision.table()["passed"].to_list() == [False]
+    with pytest.raises(ValueError, match="does not promote"):
+        apply_promotion(registry, decision)
+    assert registry.aliases("ca_mae")[CHAMPION] == champion.version  # nothing moved
+    apply_promotion(registry, decision, force_reason="validated on an external plate set")
+    promoted = registry.get("ca_mae")
+    assert promoted.version == candidate.version and promoted.tags["promoted_by"] == "forced"
+    assert "external plate set" in promoted.tags["promotion_reason"]
+    assert registry.aliases("ca_mae")[PREVIOUS] == champion.version
+    assert main(["promote", "--home", str(home.root), "--encoder", "ca_mae"]) == 2  # no challenger left
+    assert "no version with alias 'challenger'" in capsys.readouterr().err
+    rollback(registry, "ca_mae")
+    report_champion_changes(learning.instance, registry, learning.graph.encoders)  # keep Dagster in step
+
+
+def test_supervised_and_vae_train_through_the_same_loop(learning: LearningHome, tmp_path) -> None:
+    crop_set = load_crop_set(learning.home, learning.plates, seed=0)
+    config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, warmup_epochs=0, max_steps_per_epoch=2, num_workers=0)
+    supervised = build_encoder("supervised_cnn", backbone="test_resnet", input_size=32, seed=0)
+    result = fit(supervised, crop_set, config, tmp_path / "sup")
+    assert {"loss", "accuracy"} <= set(result.history[0].train) and "loss" in result.history[0].val
+    assert supervised.spec.config["classes"] == list(crop_set.classes)
+    vae = _tiny_vae()
+    result = fit(vae, crop_set, config, tmp_path / "vae")
+    assert {"loss", "recon", "kl"} <= set(result.history[0].train)
+
+
+def test_promotion_rule_in_a_run_config_is_validated(tmp_path) -> None:
+    from bioembed_assets.config import RunConfig
+
+    good = tmp_path / "run.toml"
+    good.write_text('channels = ["DNA"]\n[channel_map]\nch1 = "DNA"\n[promotion]\nmetric = "moa_map"\n'
+                    'min_margin = 0.02\n[promotion.guards]\nbatch_knn_accuracy = 0.1\n')
+    rule = RunConfig.load(good).promotion
+    assert rule.metric == "moa_map" and rule.guards == {"batch_knn_accuracy": 0.1}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('channels = ["DNA"]\n[channel_map]\nch1 = "DNA"\n[promotion]\nmetric = "map_score"\n')
+    with pytest.raises(ValueError, match="unknown metric"):
+        RunConfig.load(bad)

@@ -44,7 +44,7 @@ class CropSet:
     def summary(self) -> pl.DataFrame:
         """Per plate and well: perturbation, split and number of crops (what the run saw)."""
         return (self.cells.group_by(s.PLATE, s.WELL, s.PERTURBATION, SPLIT).len("crops")
-                .sort(s.PLATE, s.WELL))
+                .with_columns(pl.col("crops").cast(pl.Int64)).sort(s.PLATE, s.WELL))
 
 
 def load_crop_set(home: Home, plates: Sequence[str], *, val_fraction: float = 0.2, seed: int = 0,
