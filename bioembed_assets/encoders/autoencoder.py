@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioembed_assets.encoders.base import EncoderSpec, register_family
+from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
 from bioembed_assets.encoders.camae import INSTANCE_NORM_EPS, to_0_255
 from bioembed_assets.schema import CELL_PAINTING_CHANNELS
 
@@ -60,14 +60,6 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 (or fp16) autocast on CUDA, nothing elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -153,7 +145,7 @@ class TrainableAdapter:
         x = torch.from_numpy(to_0_255(images)).to(self.device)
         with eval_mode(self.module), torch.inference_mode():
             x = self_standardize(x)
-            with autocast_for(self.device):
+            with autocast(self.device):
                 out = fn(x)
         return out.float().cpu().numpy()
 

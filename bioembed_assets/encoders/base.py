@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -60,6 +61,14 @@ class Encoder(Protocol):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> Any: ...
 
     def to(self, device: str | torch.device) -> Any: ...
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); plain fp32 elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 EncoderBuilder = Callable[..., Encoder]

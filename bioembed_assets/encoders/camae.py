@@ -11,7 +11,6 @@ The decoder, the MAE objective and reconstruction live in `camae_decoder.py`; an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioembed_assets.encoders.base import EncoderSpec, register_family
+from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
 from bioembed_assets.encoders.checkpoints import load_openphenom_backbone, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
@@ -258,7 +257,7 @@ class CAMAEEncoder:
         x = torch.from_numpy(to_0_255(images)).to(self.device)
         was_training = self.module.training
         try:
-            with torch.inference_mode(), _autocast(self.device):
+            with torch.inference_mode(), autocast(self.device):
                 out = self.module.eval().predict(x, channelwise=self.channelwise)
         finally:
             self.module.train(was_training)
@@ -303,7 +302,7 @@ class CAMAEEncoder:
         generator = torch.Generator().manual_seed(seed)
         was_training = self.mae.training
         try:
-            with torch.inference_mode(), _autocast(self.device):
+            with torch.inference_mode(), autocast(self.device):
                 out = self.mae.eval().reconstruct(x, mask_channels, mask_ratio, generator)
         finally:
             self.mae.train(was_training)
@@ -328,13 +327,6 @@ class CAMAEEncoder:
             self.mae = attach_decoder(self.module, decoder, config.get("seed", 0))
             self.spec = dataclasses.replace(self.spec, config={**config, "decoder": decoder})
         return MAETrainingModule(self.mae, self.spec.config.get("mask_ratio", 0.75))
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def build_camae_module(preset: str = "demo", seed: int = 0, **overrides: Any) -> ChannelAgnosticViT:

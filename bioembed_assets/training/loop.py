@@ -10,7 +10,6 @@ that makes a CPU run reproducible.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bioembed_assets.encoders.base import Encoder
+from bioembed_assets.encoders.base import Encoder, autocast
 from bioembed_assets.encoders.timm_compat import import_timm
 from bioembed_assets.inference import resolve_device
 from bioembed_assets.schema import BioembedInputError
@@ -96,14 +95,6 @@ class Callbacks:
     def on_step(self, epoch: int, step: int, logs: dict[str, float]) -> None: ...
 
     def on_epoch_end(self, result: EpochResult) -> None: ...
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 (or fp16 where bf16 is missing) autocast on CUDA; plain fp32 elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def _set_epoch_seed(seed: int, epoch: int) -> None:
