@@ -15,14 +15,14 @@ WHERE metric IN ('replicate_map', 'fraction_retrieved', 'nonrep_map', 'moa_map',
 """
 
 _GROUND_TRUTH_SQL = """
-SELECT m.encoder, m.recipe, g.active,
+SELECT m.encoder, m.encoder_version AS version, m.recipe, g.active,
        count(*) AS perturbations,
        avg(m.mean_average_precision) AS mean_map,
        avg(CASE WHEN m.below_corrected_p THEN 1.0 ELSE 0.0 END) AS fraction_retrieved
 FROM replicate_map m
 JOIN read_csv_auto(?) g ON g.perturbation = m."group"
 WHERE m.kind = 'replicate'
-GROUP BY ALL ORDER BY m.encoder, m.recipe, g.active DESC
+GROUP BY ALL ORDER BY m.encoder, m.encoder_version, m.recipe, g.active DESC
 """
 
 
@@ -33,7 +33,7 @@ def metrics_table(catalog: Path) -> pl.DataFrame:
     if long.height == 0:
         return long
     return long.pivot(on="metric", index=["encoder", "encoder_version", "recipe"], values="value").sort(
-        "encoder", pl.col("recipe").replace({"raw": "0", "card": "1"}))
+        "encoder", pl.col("encoder_version").cast(pl.Int64, strict=False), pl.col("recipe").replace({"raw": "0", "card": "1"}))
 
 
 def ground_truth_table(catalog: Path, ground_truth_csv: Path) -> pl.DataFrame:

@@ -25,7 +25,7 @@ DEMO_SCREEN = SyntheticScreenConfig(n_plates=4, n_rows=8, n_cols=8, n_dmso_wells
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-DEMO_TRAINING = {"epochs": 6, "batch_size": 64, "lr": 1.5e-3, "warmup_epochs": 1, "patience": 0, "seed": 0,
+DEMO_TRAINING = {"epochs": 3, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 1, "patience": 0, "seed": 0,
                  "num_workers": 1, "promote": True}
 """The demo's brief CA-MAE training (sized for ~5 minutes of demo on 2 CPU cores)."""
 

@@ -196,7 +196,7 @@ def fit(encoder: Encoder, crop_set: CropSet, config: TrainConfig, checkpoint_dir
     val_set = CropBatches(crop_set, val_cells, chunk_window_batches(val_cells, crop_set.chunk, config.batch_size,
                                                                    config.seed, 0, shuffle=False), input_size, channels)
     for epoch in range(start_epoch, config.epochs):
-        if config.patience and bad_epochs >= config.patience:
+        if config.patience and bad_epochs >= config.patience:  # (a resumed run that had already stopped)
             result.stopped_early = True
             break
         _set_epoch_seed(config.seed, epoch)
@@ -223,8 +223,9 @@ def fit(encoder: Encoder, crop_set: CropSet, config: TrainConfig, checkpoint_dir
                      "crops_seen": result.crops_seen, "fingerprint": fingerprint,
                      "history": json.dumps([asdict(h) for h in result.history])})
         callbacks.on_epoch_end(epoch_result)
-    if config.patience and bad_epochs >= config.patience and len(result.history) < config.epochs:
-        result.stopped_early = True
+        if config.patience and bad_epochs >= config.patience and epoch + 1 < config.epochs:
+            result.stopped_early = True
+            break
     if (checkpoint_dir / BEST).exists():
         module.load_state_dict(_read_checkpoint(checkpoint_dir / BEST)["module"])
     module.eval()
