@@ -149,9 +149,10 @@ def _train(args: argparse.Namespace) -> int:
     resource = BioembedHome(root=str(home.root), device=args.device, null_size=args.null_size)
     registry, run_config = resource.registry(), load_run_config(home)
     champion = resource.champion(args.encoder)
-    plates = args.plates.split(",") if args.plates else challenger.evaluation_plates(home, champion)
+    plates = challenger.evaluation_plates(home, champion)  # champion and challenger are compared on these
     base = registry.load_version(champion)
-    outcome = train_challenger(home, registry, args.encoder, base, champion, plates, _train_config(args),
+    outcome = train_challenger(home, registry, args.encoder, base, champion,
+                               args.plates.split(",") if args.plates else plates, _train_config(args),
                                resume=args.resume, progress=TqdmProgress())
     if not args.no_evaluate:
         for v in (champion, outcome.version):
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                            "then evaluate it against the champion")
     train.add_argument("--home", required=True)
     train.add_argument("--encoder", required=True, help="registered encoder name, e.g. ca_mae")
-    train.add_argument("--plates", default="", help="comma-separated plates (default: the champion's plates)")
+    train.add_argument("--plates", default="", help="comma-separated plates to train on (default: the champion's "
+                       "plates); the evaluation always uses the champion's plates")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-4)

@@ -57,7 +57,7 @@ class ChallengerConfig(dg.Config):
     num_workers: int = 1
     max_steps_per_epoch: int | None = None
     plates: list[str] = []
-    """Plates to train and evaluate on (default: the plates the champion was evaluated on)."""
+    """Plates to train on (default: the champion's plates); the evaluation always uses the champion's plates."""
     resume: bool = False
     promote: bool = False
     """Apply the promotion rule's decision (move `champion`) when it says promote."""
@@ -127,12 +127,14 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
         home, registry, run_config = bioembed.home(), bioembed.registry(), bioembed.run_config()
         run_config.promotion.check_names(list(run_config.recipes))
         champion = bioembed.champion(name)
-        plates_ = config.plates or challenger_lib.evaluation_plates(home, champion)
+        plates_ = challenger_lib.evaluation_plates(home, champion)  # compared on the champion's plates
         meta: dict = {}
         if config.train:
             base = registry.load_version(champion)
-            outcome = train_challenger(home, registry, name, base, champion, plates_, config.train_config(),
-                                       resume=config.resume, log=context.log.info, progress=_DagsterProgress(context))
+            outcome = train_challenger(home, registry, name, base, champion, config.plates or plates_,
+                                       config.train_config(),
+                                       resume=config.resume, log=context.log.info,
+                                       progress=_DagsterProgress(context))
             meta |= {"training_run": outcome.run_id, "training_seconds": round(outcome.seconds, 1),
                      "epochs_run": len(outcome.result.history), "best_val_loss": outcome.result.best_val_loss}
         version = registry.get(name, CHALLENGER)
