@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
-from bioembed_assets.encoders.camae import INSTANCE_NORM_EPS, to_0_255
+from bioembed_assets.encoders.camae import self_standardize, to_0_255
 from bioembed_assets.schema import CELL_PAINTING_CHANNELS
 
 BOTTLENECK_SIZE = 4  # spatial side of the last encoder feature map
@@ -42,12 +42,6 @@ def float32_region(device: torch.device) -> Iterator[None]:
     """Turn autocast off (if on) so the enclosed math runs in float32."""
     with torch.autocast(device_type=device.type, enabled=False):
         yield
-
-
-def self_standardize(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in 0-255 units -> float32 standardized per crop and channel: instance_norm(x / 255, eps 1e-5)."""
-    with float32_region(images.device):
-        return F.instance_norm(images.float() / 255.0, eps=INSTANCE_NORM_EPS)
 
 
 @contextlib.contextmanager

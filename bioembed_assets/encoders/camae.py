@@ -57,6 +57,13 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, temperature: float = 100
     return table.float()
 
 
+def self_standardize(images: torch.Tensor) -> torch.Tensor:
+    """0-255 images (N, C, H, W) -> /255, then per-image per-channel instance norm (biased variance,
+    eps 1e-5), in float32 even under autocast: OpenPhenom's input normalization."""
+    with torch.autocast(images.device.type, enabled=False):
+        return F.instance_norm(images.float() / 255.0, eps=INSTANCE_NORM_EPS)
+
+
 class PatchEmbed(nn.Module):
     """One 1-channel conv shared by every channel; returns channel-major tokens (B, C*G*G, D)."""
 
@@ -201,7 +208,7 @@ class ChannelAgnosticViT(nn.Module):
         mean of the patch tokens (cls and fc_norm unused). Call `eval()` first.
         """
         self.check_input(x)
-        x = F.instance_norm(x.float() / 255.0, eps=INSTANCE_NORM_EPS)
+        x = self_standardize(x)
         patches = self.forward_features(x)[:, 1:]
         if not channelwise:
             return patches.mean(dim=1)

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioembed_assets.encoders.camae import (
-    INSTANCE_NORM_EPS,
     ChannelAgnosticViT,
     build_camae_module,
+    self_standardize,
     sincos_pos_embed_2d,
 )
 from bioembed_assets.encoders.checkpoints import load_checked, load_state_dict_file, strip_wrapper_prefixes
@@ -268,9 +268,8 @@ class CAMAEModel(nn.Module):
 
     @staticmethod
     def normalize_input(images: torch.Tensor) -> torch.Tensor:
-        """0-255 images -> /255 then per-image per-channel instance norm (eps 1e-5), in float32."""
-        with torch.autocast(images.device.type, enabled=False):
-            return F.instance_norm(images.float() / 255.0, eps=INSTANCE_NORM_EPS)
+        """0-255 images -> OpenPhenom's self-standardization (`camae.self_standardize`)."""
+        return self_standardize(images)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C*T, p*p): channel-major, row-major patches, each patch row-major."""
