@@ -24,15 +24,19 @@ PREFIX = "encoder.vit_backbone."
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, max_in_chans=11)
 
 
-def randomized(seed: int = 0, **cfg: object) -> ChannelAgnosticViT:
-    """A small model with *every* trainable tensor random (so biases, gamma and norms all matter)."""
-    model = build_camae_module("demo", seed=seed, **{**SMALL, **cfg})
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Make *every* trainable tensor random (so biases, gamma, norms and tokens all matter); eval mode."""
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model.eval()
+
+
+def randomized(seed: int = 0, **cfg: object) -> ChannelAgnosticViT:
+    """A small CA-MAE backbone with every trainable tensor random."""
+    return randomize_(build_camae_module("demo", seed=seed, **{**SMALL, **cfg}), seed)
 
 
 def assert_close(got: torch.Tensor, expected: torch.Tensor, atol: float) -> None:

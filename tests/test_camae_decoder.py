@@ -23,6 +23,8 @@ from bioembed_assets.encoders.camae_decoder import (
 from bioembed_assets.encoders.checkpoints import save_state_dict_file
 from bioembed_assets.schema import BioembedInputError
 
+from .test_camae import randomize_
+
 ENC = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)  # 16 tokens per channel
 DEC = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, decoder_cross_attn_heads=2)
 DEC_CFG = {"preset": "demo", "embed_dim": 32, "num_heads": 2, "cross_attn_heads": 2}
@@ -30,13 +32,7 @@ DEC_CFG = {"preset": "demo", "embed_dim": 32, "num_heads": 2, "cross_attn_heads"
 
 def tiny(seed: int = 0, randomize: bool = False, **cfg: object) -> CAMAEModel:
     model = build_camae_model("demo", "demo", seed=seed, **{**ENC, **DEC, **cfg})
-    if randomize:  # every trainable tensor random, so biases, norms and tokens all matter
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
+    return randomize_(model, seed) if randomize else model.eval()
 
 
 def images(n: int = 2, c: int = 6, size: int = 32, seed: int = 0) -> torch.Tensor:
