@@ -327,3 +327,19 @@ def test_promotion_rule_in_a_run_config_is_validated(tmp_path) -> None:
     bad.write_text('channels = ["DNA"]\n[channel_map]\nch1 = "DNA"\n[promotion]\nmetric = "map_score"\n')
     with pytest.raises(ValueError, match="unknown metric"):
         RunConfig.load(bad)
+
+
+def test_train_cli_registers_and_evaluates_a_challenger(learning: LearningHome, capsys) -> None:
+    from dagster_project.cli import main
+
+    before = len(learning.registry.client.search_model_versions("name='ca_mae'"))
+    argv = ["train", "--home", str(learning.home.root), "--encoder", "ca_mae", "--epochs", "1", "--max-steps", "2",
+            "--batch-size", "32", "--workers", "0", "--null-size", "100"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    challenger = learning.registry.get("ca_mae", CHALLENGER)
+    assert challenger is not None and challenger.trained
+    assert len(learning.registry.client.search_model_versions("name='ca_mae'")) == before + 1
+    assert f"challenger v{challenger.version}" in out and "replicate_map" in out
+    assert main(["train", "--home", str(learning.home.root), "--encoder", "classical"]) == 2
+    assert "no learned weights" in capsys.readouterr().err
