@@ -97,6 +97,7 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
         for plate in context.partition_keys:
             summary = pipeline.embed_plate(
                 bioembed.home(), plate, model, version, batch_size=bioembed.batch_size,
+                reuse=bioembed.reuse_embeddings,
                 progress=lambda done, total, p=plate: context.log.debug(f"{name} {p}: {done}/{total}"))
             nan_rows += summary["nan_rows"]
             reused += summary["reused"]

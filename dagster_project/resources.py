@@ -21,6 +21,8 @@ class BioembedHome(dg.ConfigurableResource):
     device: str = "auto"
     batch_size: int = 256
     null_size: int = 10000
+    reuse_embeddings: bool = True
+    """Keep a version's stored rows for a plate whose cells are unchanged (False: always recompute)."""
 
     def home(self) -> Home:
         return Home(root=Path(self.root).expanduser().resolve()).ensure()
