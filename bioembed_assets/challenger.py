@@ -31,12 +31,8 @@ def plates_with_crops(home: Home) -> list[str]:
 
 def evaluation_plates(home: Home, champion: EncoderVersion | None) -> list[str]:
     """The plates to compare on: those the champion has well profiles for, else every plate with crops."""
-    if champion is not None:
-        plates = sorted({p[s.PLATE] for p in Lake(home.lake).partitions(
-            "well_profiles", encoder=champion.name, version=champion.version)})
-        if plates:
-            return plates
-    return plates_with_crops(home)
+    plates = evaluated_plates(home, champion) if champion is not None else set()
+    return sorted(plates) if plates else plates_with_crops(home)
 
 
 def needs_evaluation(home: Home, version: EncoderVersion, plates: Sequence[str]) -> bool:
@@ -63,6 +59,19 @@ def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVers
     return result
 
 
+def evaluate_against_champion(home: Home, registry: EncoderRegistry, champion: EncoderVersion,
+                              challenger: EncoderVersion, recipes: Mapping[str, str], *, device: str = "auto",
+                              batch_size: int = 256, null_size: int = 10000,
+                              log: Callable[[str], None] = print) -> feature_sets.Evaluation:
+    """Evaluate `challenger` on the champion's plates, and the champion too unless its metrics
+    already come from exactly those plates; returns the challenger's evaluation."""
+    plates = evaluation_plates(home, champion)
+    kwargs = dict(device=device, batch_size=batch_size, null_size=null_size, log=log)
+    if needs_evaluation(home, champion, plates):
+        evaluate_version(home, registry, champion, plates, recipes, **kwargs)
+    return evaluate_version(home, registry, challenger, plates, recipes, **kwargs)
+
+
 def _drop_other_plates(home: Home, version: EncoderVersion, plates: Sequence[str]) -> None:
     """Keep the version's well profiles to exactly `plates` (what makes two versions comparable)."""
     lake = Lake(home.lake)
@@ -80,11 +89,11 @@ def log_evaluation_runs(home: Home, registry: EncoderRegistry, version: EncoderV
 
     experiment = registry.experiment_id(EVALUATION_EXPERIMENT)
     runs: dict[str, str] = {}
-    wells = result.metrics  # scalars per recipe
+    scalars = result.metrics  # (recipe, metric, value) rows
     dataset = mlflow.data.from_polars(
         pl.DataFrame({s.PLATE: sorted(plates)}), name=f"{version.name}-v{version.version}-wells",
         source=str(home.lake / "well_profiles" / f"encoder={version.name}" / f"version={version.version}"))
-    for recipe in sorted(wells[s.RECIPE].unique().to_list()):
+    for recipe in sorted(scalars[s.RECIPE].unique().to_list()):
         tags = {"encoder": version.name, "encoder_version": version.version, "recipe": recipe,
                 "model_id": version.model_id or ""}
         query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if k != "model_id")
@@ -95,7 +104,7 @@ def log_evaluation_runs(home: Home, registry: EncoderRegistry, version: EncoderV
             if run_id is None:
                 mlflow.log_params({"recipe_steps": recipes.get(recipe, "raw (well medians)"), "plates": len(plates)})
                 mlflow.log_input(dataset, context="evaluation")
-            metrics = {r["metric"]: r["value"] for r in wells.filter(pl.col(s.RECIPE) == recipe).iter_rows(named=True)
+            metrics = {r["metric"]: r["value"] for r in scalars.filter(pl.col(s.RECIPE) == recipe).iter_rows(named=True)
                        if not math.isnan(r["value"])}
             mlflow.log_metrics(metrics, model_id=version.model_id, dataset=dataset)
             with tempfile.TemporaryDirectory() as tmp:

@@ -149,16 +149,13 @@ def _train(args: argparse.Namespace) -> int:
     resource = BioembedHome(root=str(home.root), device=args.device, null_size=args.null_size)
     registry, run_config = resource.registry(), load_run_config(home)
     champion = resource.champion(args.encoder)
-    plates = challenger.evaluation_plates(home, champion)  # champion and challenger are compared on these
+    plates = args.plates.split(",") if args.plates else challenger.evaluation_plates(home, champion)
     base = registry.load_version(champion)
-    outcome = train_challenger(home, registry, args.encoder, base, champion,
-                               args.plates.split(",") if args.plates else plates, _train_config(args),
+    outcome = train_challenger(home, registry, args.encoder, base, champion, plates, _train_config(args),
                                resume=args.resume, progress=TqdmProgress())
     if not args.no_evaluate:
-        for v in (champion, outcome.version):
-            if v is outcome.version or challenger.needs_evaluation(home, v, plates):
-                challenger.evaluate_version(home, registry, v, plates, run_config.recipes, device=args.device,
-                                            null_size=args.null_size)
+        challenger.evaluate_against_champion(home, registry, champion, outcome.version, run_config.recipes,
+                                             device=args.device, null_size=args.null_size)
         print(challenger.compare_table(home, [("champion", champion), ("challenger", outcome.version)]))
         print(f"\nNext: uv run bioembed promote --home {home.root} --encoder {args.encoder}")
     return 0

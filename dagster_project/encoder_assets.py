@@ -7,6 +7,8 @@ champion version, and everything downstream follows.
 """
 
 
+import dataclasses
+
 import dagster as dg
 
 from bioembed_assets import challenger as challenger_lib
@@ -63,9 +65,9 @@ class ChallengerConfig(dg.Config):
     """Apply the promotion rule's decision (move `champion`) when it says promote."""
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_epochs=self.warmup_epochs,
-                           patience=self.patience, seed=self.seed, device=self.device, num_workers=self.num_workers,
-                           max_steps_per_epoch=self.max_steps_per_epoch)
+        """The loop settings among these fields (the rest say what to do around the training)."""
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
 
 def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
@@ -128,12 +130,11 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
         home, registry, run_config = bioembed.home(), bioembed.registry(), bioembed.run_config()
         run_config.promotion.check_names(list(run_config.recipes))
         champion = bioembed.champion(name)
-        plates_ = challenger_lib.evaluation_plates(home, champion)  # compared on the champion's plates
         meta: dict = {}
         if config.train:
             base = registry.load_version(champion)
-            outcome = train_challenger(home, registry, name, base, champion, config.plates or plates_,
-                                       config.train_config(),
+            plates_ = config.plates or challenger_lib.evaluation_plates(home, champion)
+            outcome = train_challenger(home, registry, name, base, champion, plates_, config.train_config(),
                                        resume=config.resume, log=context.log.info,
                                        progress=_DagsterProgress(context))
             meta |= {"training_run": outcome.run_id, "training_seconds": round(outcome.seconds, 1),
@@ -141,12 +142,9 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
         version = registry.get(name, CHALLENGER)
         if version is None:
             raise LookupError(f"encoder {name!r} has no challenger; run with train: true")
-        for v in (champion, version):
-            if v is champion and not challenger_lib.needs_evaluation(home, champion, plates_):
-                continue
-            result = challenger_lib.evaluate_version(home, registry, v, plates_, run_config.recipes,
-                                                     device=bioembed.device, batch_size=bioembed.batch_size,
-                                                     null_size=bioembed.null_size, log=context.log.info)
+        result = challenger_lib.evaluate_against_champion(
+            home, registry, champion, version, run_config.recipes, device=bioembed.device,
+            batch_size=bioembed.batch_size, null_size=bioembed.null_size, log=context.log.info)
         decision = decide(home, registry, name, run_config.promotion, list(run_config.recipes))
         context.log.info(decision.summary())
         if config.promote and decision.promote:

@@ -192,6 +192,9 @@ def fit(encoder: Encoder, crop_set: CropSet, config: TrainConfig, checkpoint_dir
         result.resumed_from_epoch = start_epoch
     elif resume:
         raise BioembedInputError("cannot resume: no checkpoint of an earlier run", path=last)
+    else:  # a new run: checkpoints of an earlier one in this folder must not leak into it
+        for stale in (last, checkpoint_dir / BEST):
+            stale.unlink(missing_ok=True)
     callbacks.on_start(config.epochs, steps_per_epoch)
     val_set = CropBatches(crop_set, val_cells, chunk_window_batches(val_cells, crop_set.chunk, config.batch_size,
                                                                    config.seed, 0, shuffle=False), input_size, channels)

@@ -146,9 +146,6 @@ def train_challenger(home: Home, registry: EncoderRegistry, name: str, base: Enc
         if not run_file.exists():
             raise BioembedInputError(f"cannot resume training of {name!r}: no earlier run", path=run_file)
         run_id = json.loads(run_file.read_text())["run_id"]
-    else:
-        for stale in folder.glob("*.pt"):
-            stale.unlink()
     experiment = registry.experiment_id(TRAINING_EXPERIMENT)
     summary = crop_set.summary()
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"train-{name}",
@@ -156,7 +153,7 @@ def train_challenger(home: Home, registry: EncoderRegistry, name: str, base: Enc
         folder.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"run_id": run.info.run_id}))
         if run_id is None:
-            mlflow.log_params({**{k: v for k, v in asdict(config).items()}, "family": base.spec.family,
+            mlflow.log_params({**asdict(config), "family": base.spec.family,
                                "base_version": base_version.version, "plates": ",".join(plates),
                                "train_crops": crop_set.split("train").height, "val_crops": crop_set.split("val").height,
                                "classes": len(crop_set.classes), "spec": json.dumps(base.spec.config)[:6000]})
