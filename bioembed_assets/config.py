@@ -81,6 +81,11 @@ class Home(BaseModel):
         return self.root / "mlartifacts"
 
     @property
+    def locks(self) -> Path:
+        """Lock files serializing runs of one stage of one plate (`pipeline.one_run_per_plate`)."""
+        return self.root / "locks"
+
+    @property
     def dagster_home(self) -> Path:
         return self.root / "dagster"
 
@@ -132,6 +137,9 @@ class RunConfig(BaseModel):
     channel_map: dict[str, str]
     layout_options: dict[str, str] = Field(default_factory=dict)
     platemap: PlatemapConfig = Field(default_factory=PlatemapConfig)
+    max_image_pixels: int = Field(default=2**26, ge=1)
+    """Most pixels one image may have (default 2**26, about 8192 x 8192): a larger header is refused by the
+    folder check and at ingest, before any memory is allocated. Raise it for genuinely larger images."""
     nuclear_channel: str = "DNA"
     cell_channel: str | None = None
     """Channel for whole-cell segmentation (watershed from nuclei); None = nuclei only."""

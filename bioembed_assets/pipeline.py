@@ -6,7 +6,10 @@ its inputs from the home, writes its outputs atomically, and returns a small sum
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,9 @@ from bioembed_assets.sources.platemap import read_platemap, resolve_platemap_pat
 from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
 from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
+from bioembed_assets.store.locks import file_lock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,18 +109,41 @@ def analysis_store(home: Home, plate: str, config: RunConfig) -> Path:
 
 
 # -- per-plate stages ---------------------------------------------------------------------------
+def one_run_per_plate(stage: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
+    """Serialize a stage per plate (per encoder too, for stages given a `version`) across processes:
+    a second run of the same plate waits for the first (and says so) instead of racing it."""
+
+    def wrap(fn: Callable[..., dict]) -> Callable[..., dict]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def serialized(*args: Any, **kwargs: Any) -> dict:
+            bound = signature.bind(*args, **kwargs).arguments
+            home, plate = bound["home"], s.validate_plate_name(bound["plate"])
+            name = f"{stage}-{bound['version'].name}" if "version" in bound else stage
+            with file_lock(home.locks / name / f"{plate}.lock", f"{name} of plate {plate}", on_wait=log.warning):
+                return fn(*args, **kwargs)
+
+        return serialized
+
+    return wrap
+
+
+@one_run_per_plate("raw_plate")
 def ingest_raw_plate(home: Home, plate: str, config: RunConfig | None = None) -> dict:
     """Raw acquisition folder (any layout) -> zarr plate store + `images` lake partition with
     per-site QC (focus, saturation, intensity; `qc_pass`, `qc_flags`)."""
     cfg = config or load_run_config(home)
     fields_ = list_fields(cfg.layout, cfg.plate_dir(plate), plate, cfg.channel_map, **cfg.layout_options)
-    table = ingest_plate(fields_, home.image_store(plate), cfg.channels, compressor=cfg.store_compressor)
+    table = ingest_plate(fields_, home.image_store(plate), cfg.channels, compressor=cfg.store_compressor,
+                         max_image_pixels=cfg.max_image_pixels)
     table = site_qc(home.image_store(plate), table)
     Lake(home.lake).write("images", table, plate=plate)
     return {"fields": table.height, "wells": table[s.WELL].n_unique(), "channels": cfg.channels,
             "qc_failed_sites": int((~table["qc_pass"]).sum())}
 
 
+@one_run_per_plate("platemap")
 def load_platemap(home: Home, plate: str, config: RunConfig | None = None) -> dict:
     """The plate's platemap (columns/controls mapped as configured) -> `platemap` lake partition;
     wells with images but no platemap entry are an error, platemap wells without images a warning."""
@@ -133,6 +162,7 @@ def load_platemap(home: Home, plate: str, config: RunConfig | None = None) -> di
     return summary
 
 
+@one_run_per_plate("illumination")
 def correct_illumination(home: Home, plate: str, config: RunConfig | None = None) -> dict:
     """Per-channel illumination function from all sites of the plate (stored), and the corrected
     image store that segmentation and crops read. A no-op when switched off in the config."""
@@ -146,6 +176,7 @@ def correct_illumination(home: Home, plate: str, config: RunConfig | None = None
                                 for i, c in enumerate(cfg.channels)}}
 
 
+@one_run_per_plate("segmentation")
 def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None, progress: bool = False) -> dict:
     """Nuclei (and, if configured, whole cells) of every field -> mask store + `nuclei` partition."""
     cfg = config or load_run_config(home)
@@ -161,6 +192,7 @@ def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None, p
             "nuclei_per_field": round(nuclei.height / max(images.height, 1), 1)}
 
 
+@one_run_per_plate("crops")
 def crop_cells(home: Home, plate: str, config: RunConfig | None = None) -> dict:
     """Single-cell crops around each nucleus (or whole-field tiles) -> crop store + `cells` lake
     partition, each cell carrying its site's QC verdict (`qc_pass`, `qc_flags`)."""
@@ -204,6 +236,7 @@ def plate_heatmaps(home: Home, plate: str) -> dict[str, bytes]:
             "qc_failed_sites": plate_heatmap_png(failed, "failed_sites", f"{plate}: QC-failed sites per well")}
 
 
+@one_run_per_plate("embeddings")
 def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersion,
                 batch_size: int = 256, progress: ProgressCallback | None = None, reuse: bool = True) -> dict:
     """Every crop of the plate through one encoder version -> `embeddings` lake partition.
@@ -240,6 +273,7 @@ def _reusable_embeddings(home: Home, plate: str, version: EncoderVersion, cells:
     return existing if existing[s.CELL_ID].to_list() == cells[s.CELL_ID].to_list() else None
 
 
+@one_run_per_plate("well_profiles")
 def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
     """Cell embeddings -> per-well median profiles annotated with the platemap."""
     lake = Lake(home.lake)

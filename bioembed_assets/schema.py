@@ -27,8 +27,28 @@ FEATURES = "features"
 
 PLATEMAP_COLUMNS: tuple[str, ...] = (PLATE, WELL, PERTURBATION, CONTROL_TYPE, MOA)
 
-_PLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_WELL_NAME = re.compile(r"^([A-Z]{1,2})(\d{1,2})$")
+# Used with `fullmatch`: `re.match` with `$` would accept a trailing newline ("IP0\n").
+_PLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_WELL_NAME = re.compile(r"([A-Z]{1,2})(\d{1,2})")
+
+
+def printable(value: object) -> str:
+    """`value` as text that always encodes as UTF-8: undecodable file-name bytes (surrogates) escaped."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _shown(value: object) -> str:
+    """`printable(value)`, with control characters (a trailing newline) escaped as in a repr."""
+    text = printable(value)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 class BioembedInputError(ValueError):
@@ -43,15 +63,16 @@ class BioembedInputError(ValueError):
         path: str | Path | None = None,
     ) -> None:
         where = ", ".join(
-            f"{k}={v}" for k, v in (("plate", plate), ("well", well), ("file", path)) if v is not None
+            f"{k}={_shown(v)}" for k, v in (("plate", plate), ("well", well), ("file", path)) if v is not None
         )
+        message = printable(message)
         super().__init__(f"[{where}] {message}" if where else message)
         self.plate, self.well, self.path = plate, well, path
 
 
 def validate_plate_name(name: str) -> str:
     """Return `name` if it is a safe plate id (no path separators, no `..`), else raise."""
-    if not _PLATE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _PLATE_NAME.fullmatch(name) or ".." in name:
         raise BioembedInputError(
             f"invalid plate name {name!r}: expected letters, digits, '_', '-', '.' "
             "(no path separators, no '..', at most 128 characters)",
@@ -74,7 +95,7 @@ def well_name(row: int, column: int) -> str:
 
 def parse_well(well: str) -> tuple[int, int]:
     """1-based (row, column) of a well id such as 'B07'."""
-    m = _WELL_NAME.match(well)
+    m = _WELL_NAME.fullmatch(well) if isinstance(well, str) else None
     if not m:
         raise BioembedInputError(f"invalid well id {well!r}: expected e.g. 'A01'", well=well)
     row = 0

@@ -2,12 +2,20 @@
 
 
 import base64
+from typing import Literal
 
 import dagster as dg
 import polars as pl
 
 from bioembed_assets import feature_sets, pipeline
-from bioembed_assets.sources.profile_table import ProfileImportSpec, SavedImport, import_profiles, save_import, saved_imports
+from bioembed_assets.sources.profile_table import (
+    ProfileImportSpec,
+    SavedImport,
+    check_feature_set_name,
+    import_profiles,
+    save_import,
+    saved_imports,
+)
 from bioembed_assets.store.catalog import build_catalog
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
@@ -99,6 +107,8 @@ class ProfileImportConfig(dg.Config):
     negative: dict[str, list[str]] = {}
     positive: dict[str, list[str]] = {}
     moa_col: str | None = None
+    non_numeric: Literal["error", "drop"] = "error"
+    """Feature columns holding non-numbers: fail naming file, row and column, or drop them (counted)."""
     recipes: dict[str, str] = {"card": "card"}
 
 
@@ -109,13 +119,16 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
     root = bioembed.home().root
     if config.name or config.files:
         spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes"}))
+        check_feature_set_name(root, spec.name)  # never register an import that would replace an encoder's rows
         save_import(root, SavedImport(spec=spec, files=config.files, recipes=config.recipes))
     done, rows = [], []
     for saved in saved_imports(root):
         result = import_profiles(root, saved.files, saved.spec)
         done.append({"name": result.name, "version": result.version, "recipes": saved.recipes})
-        rows.append((result.name, result.version, result.rows, len(result.plates), len(result.features)))
-    table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features"], orient="row")
+        rows.append((result.name, result.version, result.rows, len(result.plates), len(result.features),
+                     result.dropped_features, len(result.dropped_non_numeric)))
+    table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features",
+                                       "dropped_not_shared", "dropped_non_numeric"], orient="row")
     context.add_output_metadata({"imports": dg.MetadataValue.md(markdown_table(table))})
     return done
 

@@ -105,9 +105,24 @@ def _pairs(values: list[str], flag: str) -> dict[str, list[str]]:
     return out
 
 
+def _import_summary(manifest: dict) -> str:
+    """What an import kept and left out, from its manifest (older manifests lack some keys)."""
+    non_numeric, ignored = manifest.get("dropped_non_numeric", []), manifest.get("ignored_columns", [])
+    lines = [f"  {manifest['rows']} wells on {len(manifest['plates'])} plate(s), {len(manifest['features'])} features; "
+             f"dropped: {manifest['dropped_features']} not in every file, {len(non_numeric)} holding non-numbers"]
+    if non_numeric:
+        lines.append(f"  dropped non-numeric feature columns: {', '.join(non_numeric[:10])}"
+                     + (f" (+{len(non_numeric) - 10} more)" if len(non_numeric) > 10 else ""))
+    if ignored:
+        lines.append(f"  ignored text columns (no numeric value): {', '.join(ignored[:10])}"
+                     + (f" (+{len(ignored) - 10} more)" if len(ignored) > 10 else ""))
+    return "\n".join(lines)
+
+
 def _import_profiles(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from bioembed_assets.report import format_metrics, metrics_table
+    from bioembed_assets.sources.profile_table import load_manifest
     from dagster_project.demo import import_with_dagster
 
     recipes = {}
@@ -117,9 +132,11 @@ def _import_profiles(args: argparse.Namespace) -> int:
     config = {"name": args.name, "files": [str(Path(f).resolve()) for f in args.files], "plate_col": args.plate_col,
               "well_col": args.well_col, "perturbation_cols": args.perturbation.split(","),
               "canonical_perturbation": args.canonical_perturbation, "negative": _pairs(args.negative, "--negative"),
-              "positive": _pairs(args.positive, "--positive"), "moa_col": args.moa, "recipes": recipes}
+              "positive": _pairs(args.positive, "--positive"), "moa_col": args.moa,
+              "non_numeric": args.non_numeric, "recipes": recipes}
     home, imported = import_with_dagster(args.home, config, null_size=args.null_size)
     print(f"Imported feature set {imported['name']} v{imported['version']} into {home.lake}")
+    print(_import_summary(load_manifest(home.root, imported["name"], imported["version"])))
     table = metrics_table(home.catalog_path)
     print(format_metrics(table.filter((table["encoder"] == imported["name"])
                                       & (table["encoder_version"] == imported["version"]))))
@@ -289,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                          "feature set, then normalize and evaluate it")
     imp.add_argument("files", nargs="+", help="profile tables: Metadata_* columns + numeric feature columns")
     imp.add_argument("--home", required=True, help="bioembed home folder (created if needed)")
-    imp.add_argument("--name", required=True, help="feature-set name, e.g. lincs_cellprofiler")
+    imp.add_argument("--name", required=True, help="feature-set name, e.g. lincs_cellprofiler; unique across "
+                     "encoders and imports (an encoder's name, e.g. classical, is refused)")
     imp.add_argument("--plate-col", default="Metadata_Plate")
     imp.add_argument("--well-col", default="Metadata_Well")
     imp.add_argument("--perturbation", default="Metadata_broad_sample",
@@ -300,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="negative-control wells, e.g. Metadata_broad_sample=DMSO (repeatable)")
     imp.add_argument("--positive", action="append", default=[], metavar="COL=VALUE[,VALUE]")
     imp.add_argument("--moa", default=None, help="MoA column ('|' separates several MoAs)")
+    imp.add_argument("--non-numeric", choices=["error", "drop"], default="error",
+                     help="feature columns holding a non-number (e.g. one 'abc' cell): fail naming file, row and "
+                     "column (default), or drop those columns (listed in the output and the manifest)")
     imp.add_argument("--recipe", action="append", metavar="NAME[=STEPS]",
                      help="normalization recipe to fit and evaluate (repeatable; default: card)")
     imp.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")

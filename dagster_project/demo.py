@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
 from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
+from bioembed_assets.store.atomic import atomic_file
 from dagster_project.assets import IMPORT_ASSETS
 from dagster_project.automation import report_champion_changes, settle
 from dagster_project.definitions import build_definitions
 from dagster_project.graph import AssetGraph, build_graph
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
+from dagster_project.run_health import INSTANCE_SETTINGS, reaping
 
 DEMO_SCREEN = SyntheticScreenConfig(n_plates=4, n_rows=8, n_cols=8, n_dmso_wells=24)
 """The demo's screen: 4 plates of 64 wells (20 compounds x 2 replicates + 24 DMSO), 2 sites/well."""
@@ -62,10 +65,21 @@ def use_home(home_dir: str | Path) -> Home:
     os.environ["DAGSTER_HOME"] = str(home.dagster_home)
     os.environ[HOME_ENV_VAR] = str(home.root)
     os.environ.setdefault("MPLCONFIGDIR", str(home.matplotlib_config))
-    config = home.dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n")
+    write_instance_config(home.dagster_home / "dagster.yaml")
     return home
+
+
+def write_instance_config(path: Path) -> Path:
+    """The local Dagster instance's `dagster.yaml`: one step per pool at a time, no telemetry, and run
+    monitoring that fails runs whose worker died and frees their slots. Settings a user added are kept;
+    missing ones are added (so homes made by older versions get run monitoring too)."""
+    config = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    wanted = {"concurrency": {"pools": {"default_limit": 1}}, "telemetry": {"enabled": False}, **INSTANCE_SETTINGS}
+    merged = {**wanted, **config}
+    if merged != config:
+        with atomic_file(path) as tmp:
+            tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
@@ -85,10 +99,15 @@ def materialize_home(home: Home, plate_names: list[str], resource: BioembedHome,
     cross-plate normalizer, each plate's normalized profiles, and the evaluation."""
     graph = graph or build_graph(resource.encoders)
     instance = dg.DagsterInstance.get()
+    with reaping(instance, log=log):  # no daemon here: fail runs killed earlier, free their slots
+        return _materialize_all(instance, graph, plate_names, resource, log, DemoOutcome(home))
+
+
+def _materialize_all(instance: dg.DagsterInstance, graph: AssetGraph, plate_names: list[str],
+                     resource: BioembedHome, log, outcome: DemoOutcome) -> DemoOutcome:
     known = set(instance.get_dynamic_partitions(plates.name))
     instance.add_dynamic_partitions(plates.name, [p for p in plate_names if p not in known])
     resources = {"bioembed": resource}
-    outcome = DemoOutcome(home)
 
     def run(selection, partition: str | None = None) -> dg.ExecuteInProcessResult:
         return dg.materialize(graph.all, selection=selection, partition_key=partition, instance=instance,

@@ -8,6 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from bioembed_assets.registry import EncoderRegistry
+from bioembed_assets.schema import printable
+from bioembed_assets.sources.layouts import display_path
 from bioembed_assets.sources.validate import check_plate_folder
 from dagster_project.encoder_assets import CHAMPION_VERSION, encoder_key
 from dagster_project.graph import AssetGraph
@@ -20,19 +22,25 @@ def build_plate_sensor(graph: AssetGraph) -> dg.SensorDefinition:
                asset_selection=dg.AssetSelection.assets(*graph.per_plate))
     def new_plate_sensor(context: dg.SensorEvaluationContext, bioembed: BioembedHome) -> dg.SensorResult:
         """Registers each valid new plate folder under the raw-data root and runs its per-plate assets;
-        invalid folders are reported (with the reason) and not registered."""
+        invalid folders are reported (with the reason) and not registered. One bad folder never stops
+        the others: any error while looking at a folder is logged as a warning and the folder skipped."""
         config = bioembed.run_config()
         raw_root = Path(config.raw_root)
         known = set(context.instance.get_dynamic_partitions(plates.name))
+        config_dir = Path(config.config_dir) if config.config_dir else None
         new, runs = [], []
-        folders = sorted(p for p in raw_root.iterdir() if p.is_dir() and p.name not in known) if raw_root.is_dir() else []
-        for folder in folders:
-            if config.plates is not None and folder.name not in config.plates:
+        for folder in sorted(raw_root.iterdir()) if raw_root.is_dir() else []:
+            if folder.name in known or (config.plates is not None and folder.name not in config.plates):
                 continue
-            problem = check_plate_folder(folder, config,
-                                         config_dir=Path(config.config_dir) if config.config_dir else None)
+            shown = display_path(folder)
+            try:
+                if not folder.is_dir():
+                    continue
+                problem = check_plate_folder(folder, config, config_dir=config_dir)
+            except Exception as err:  # noqa: BLE001 - one unreadable folder must not fail the whole tick
+                problem = printable(f"unexpected {type(err).__name__}: {err}")
             if problem:
-                context.log.warning(f"not registering plate folder {folder}: {problem}")
+                context.log.warning(f"not registering plate folder {shown}: {problem}")
                 continue
             new.append(folder.name)
             runs.append(dg.RunRequest(partition_key=folder.name, run_key=f"new-plate-{folder.name}"))

@@ -27,6 +27,11 @@ TINY_SCREEN = SyntheticScreenConfig(
 BAD_PLATES = ("BAD-MISSING", "BAD-CORRUPT", "BAD-NOCONTROLS")
 
 
+def entries(folder: Path) -> list[str]:
+    """The sorted names in `folder`, without writers' lock files (`.lock-*`, kept on purpose)."""
+    return sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".lock-"))
+
+
 def make_plate_store(root: Path, fields: np.ndarray, channels: list[str], plate: str = "P1") -> tuple[Path, pl.DataFrame]:
     """A plate store (through TIFFs and `ingest_plate`) from an array (n_fields, C, H, W), one site
     per well, and its image table."""

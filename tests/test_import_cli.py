@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import pytest
+
+from bioembed_assets.store.catalog import connect
 
 from .test_profile_import import LINCS, needs_lincs
 
@@ -28,7 +29,7 @@ def test_import_profiles_cli_normalizes_evaluates_and_writes_only_under_home(tmp
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Imported feature set lincs v1" in out.stdout
     assert sorted(p.name for p in user_home.rglob("*")) == []  # no caches in the user's home
-    con = duckdb.connect(str(bioembed_home / "bioembed.duckdb"), read_only=True)
+    con = connect(bioembed_home / "bioembed.duckdb")
     sets = con.sql("SELECT feature_set, version, n_plates, n_wells, n_features FROM feature_sets").fetchall()
     assert sets == [("lincs", "1", 1, 384, 454)]
     recipes = con.sql("SELECT DISTINCT recipe, recipe_steps FROM normalized_profiles ORDER BY recipe").fetchall()

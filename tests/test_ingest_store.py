@@ -16,6 +16,7 @@ from bioembed_assets.images import store as store_module
 from bioembed_assets.images.store import _read_tiff_into, ingest_plate, open_plate_images
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.sources.layouts import FieldFiles
+from tests.conftest import entries
 
 RNG = np.random.default_rng(7)
 STAINS = ["DNA", "ER", "RNA"]
@@ -108,7 +109,7 @@ def test_store_pixels_and_qc_are_the_files(tmp_path: Path, compressor: str, vari
     assert images.shards == (1, 3, 40, 48) and (store / "images" / "c.10.0.0.0").is_file()  # one file per field
     if compressor != "none":
         assert zarr.open_array(store / "images").compressors[0].cname.value == compressor
-    assert [p.name for p in store.parent.iterdir()] == ["P1.zarr"]  # no temporary folder left
+    assert entries(store.parent) == ["P1.zarr"]  # no temporary folder left
 
 
 def test_uint8_and_non_file_sources(tmp_path: Path) -> None:
@@ -158,7 +159,7 @@ def test_fallbacks_raise_the_checked_errors_and_leave_no_store(tmp_path: Path) -
             ingest_plate(fields, store, STAINS, workers=3)
         msg = str(e.value)
         assert needle in msg and "plate=P1" in msg and "well=A07" in msg and victim.name in msg, msg
-        assert not store.exists() and list(store.parent.iterdir()) == []
+        assert not store.exists() and entries(store.parent) == []
 
 
 def test_unknown_compressor_is_refused_before_anything_is_written(tmp_path: Path) -> None:
@@ -176,7 +177,7 @@ def test_reingest_replaces_the_store_whole(tmp_path: Path) -> None:
     images, _ = open_plate_images(store)
     assert images.shape[0] == 3 and not images.compressors
     np.testing.assert_array_equal(images[2, 1], tifffile.imread(fields[2].paths["ER"]))
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["P1.zarr"]
+    assert entries(tmp_path / "s") == ["P1.zarr"]
 
 
 def test_plain_tiffs_take_the_in_place_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from bioembed_assets.sources.platemap import platemap_from_frame, read_platemap,
 from bioembed_assets.sources.public import bbbc013_platemap, jump_platemap
 from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
 from bioembed_assets.sources.validate import check_plate_folder
+from tests.conftest import entries
 
 from .conftest import SHARED_DATA
 
@@ -60,7 +61,7 @@ def fails(fn: Callable[[], object], *needles: str, store: Path | None = None) ->
         assert needle in msg, f"{needle!r} not in {msg!r}"
     if store is not None:
         assert not store.exists()
-        assert not store.parent.exists() or list(store.parent.iterdir()) == []
+        assert not store.parent.exists() or entries(store.parent) == []
     return msg
 
 

@@ -11,6 +11,7 @@ import pytest
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.sources.profile_table import ProfileImportSpec, import_profiles, latest_version, load_manifest
 from bioembed_assets.store.lake import Lake, features_to_numpy
+from tests.conftest import entries
 
 from .conftest import SHARED_DATA
 
@@ -107,7 +108,7 @@ def test_reimport_replaces_the_version_atomically(tmp_path: Path) -> None:
     before = sorted(p.relative_to(lake) for p in lake.rglob("*.parquet"))
     import_profiles(tmp_path, [a], spec)
     assert sorted(p.relative_to(lake) for p in lake.rglob("*.parquet")) == before
-    assert not any((lake / ".staging").iterdir())  # no temporary folders left behind
+    assert not entries(lake / ".staging")  # no temporary folders left behind
 
 
 def test_registered_imports_round_trip(tmp_path: Path) -> None:

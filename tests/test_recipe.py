@@ -14,6 +14,7 @@ from bioembed_assets.profiles.recipe import PRESETS, STEPS, Recipe, parse_steps
 from bioembed_assets.profiles.selection import default_blocklist
 from bioembed_assets.profiles.sphering import REG_GRID, tuning_split
 from bioembed_assets.sources.synthetic_profiles import SyntheticProfilesConfig, generate_profiles
+from tests.conftest import entries
 
 CANONICAL = {
     "card": "pca_centerscale(n_components=all)",
@@ -143,7 +144,7 @@ def test_save_load_round_trip_gives_identical_output(spec: str, tmp_path) -> Non
     assert out.dtype == np.float32 and out.shape == (X.shape[0], len(recipe.output_features))
     assert np.isfinite(out).all()
     recipe.save(tmp_path / "norm")
-    assert sorted(p.name for p in (tmp_path / "norm").iterdir()) == ["arrays.npz", "recipe.json"]
+    assert entries(tmp_path / "norm") == ["arrays.npz", "recipe.json"]
     loaded = Recipe.load(tmp_path / "norm")
     assert (loaded.name, loaded.spec, loaded.output_features) == (recipe.name, recipe.spec, recipe.output_features)
     assert np.array_equal(loaded.transform(X, plates, ctrl), out)

@@ -23,6 +23,7 @@ from bioembed_assets.sources.synthetic import (
     generate_screen,
     phenix_file_name,
 )
+from tests.conftest import entries
 
 SMALL = SyntheticScreenConfig(
     n_plates=2, n_rows=2, n_cols=6, sites_per_well=2, image_size=128, n_moas=1,
@@ -220,7 +221,7 @@ def test_ingest_round_trip_and_atomic_replace(screen, tmp_path: Path) -> None:
     ingest_plate(fields[:4], store, list(CELL_PAINTING_CHANNELS))
     images, names = open_plate_images(store)
     assert names == list(CELL_PAINTING_CHANNELS) and images.shape[0] == 4
-    assert sorted(p.name for p in store.parent.iterdir()) == [store.name]
+    assert entries(store.parent) == [store.name]
 
 
 def test_ingest_errors_and_qc(screen, tmp_path: Path) -> None:
@@ -233,7 +234,7 @@ def test_ingest_errors_and_qc(screen, tmp_path: Path) -> None:
     with pytest.raises(BioembedInputError, match="cannot read TIFF") as e:
         ingest_plate(fields, store, CELL_PAINTING_CHANNELS)
     assert plate in str(e.value) and bad.name in str(e.value) and fields[4].well in str(e.value)
-    assert not store.exists() and list(store.parent.iterdir()) == []  # nothing half-written
+    assert not store.exists() and entries(store.parent) == []  # nothing half-written
     bad.write_bytes(b"not a tiff at all")
     with pytest.raises(BioembedInputError, match=bad.name):
         ingest_plate(fields, store, CELL_PAINTING_CHANNELS)

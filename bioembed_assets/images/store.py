@@ -24,7 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, validate_plate_name
-from bioembed_assets.sources.layouts import FieldFiles, FieldSource
+from bioembed_assets.sources.layouts import MAX_IMAGE_PIXELS, FieldFiles, FieldSource, check_image_size
 from bioembed_assets.store.atomic import atomic_dir
 
 IMAGES = "images"
@@ -62,7 +62,9 @@ def _read_tiff_into(path: Path, out: np.ndarray) -> bool:
     return True
 
 
-def _read_field_into(field: FieldSource, channels: Sequence[str], out: np.ndarray) -> np.ndarray:
+def _read_field_into(
+    field: FieldSource, channels: Sequence[str], out: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """`_read_field`, decoding straight into `out` (C, H, W) when every channel is a one-page TIFF of
     out's shape and dtype (the common case); otherwise (other formats, other shapes or dtypes, missing
     or unreadable files) the checked path, which returns a new array or raises naming the file."""
@@ -70,12 +72,29 @@ def _read_field_into(field: FieldSource, channels: Sequence[str], out: np.ndarra
         stain in field.paths and field.paths[stain].suffix.lower() in (".tif", ".tiff") for stain in channels
     ):
         if all(_read_tiff_into(field.paths[stain], out[c]) for c, stain in enumerate(channels)):
-            return out
+            return out  # only pages of out's shape are decoded: field 0's, already bounded
+    _check_size(field, channels, max_pixels)
     return _read_field(field, channels)
 
 
+def _check_size(field: FieldSource, channels: Sequence[str], max_pixels: int) -> None:
+    """Refuse, from the headers and before any decoding, an image of more than `max_pixels` pixels. A
+    missing channel or a header that does not read is left to `_read_field`, which names the error."""
+    for stain in channels:
+        if stain not in field.stains:
+            continue
+        try:
+            shape, _ = field.header(stain)
+        except BioembedInputError:
+            raise
+        except Exception:  # noqa: BLE001 - reported by the read that follows
+            continue
+        check_image_size(shape, max_pixels, plate=field.plate, well=field.well, path=field.location(stain))
+
+
 def _read_field(field: FieldSource, channels: Sequence[str]) -> np.ndarray:
-    """The (C, H, W) stack of `channels` of one field, checked: 2-D, uint8/uint16, one shape and dtype."""
+    """The (C, H, W) stack of `channels` of one field, checked: 2-D, uint8/uint16, one shape and dtype
+    (callers bound the size first: `_check_size`)."""
     planes: list[np.ndarray] = []
     for stain in channels:
         if stain not in field.stains:
@@ -208,7 +227,7 @@ def _qc(stack: np.ndarray) -> tuple[list[float], float]:
 
 def ingest_plate(
     fields: Sequence[FieldSource], store_path: Path, channels: Sequence[str], *, workers: int = 4,
-    compressor: Compressor = "none",
+    compressor: Compressor = "none", max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> pl.DataFrame:
     """Copy a plate's field images into a zarr store at `store_path`; return its image table.
 
@@ -222,7 +241,8 @@ def ingest_plate(
     (blosc-zstd level 1, ~1.75x smaller, ~0.3 GB/s/core). `fields` are any `FieldSource` (files of
     a layout, OME-Zarr fields); images must be 2-D uint8 or uint16, every channel of every field one
     shape and one dtype. Bad inputs (corrupt or truncated files, other shapes, mixed bit depth,
-    non-integer pixels) raise BioembedInputError naming plate, well and file, and leave no store (nor
+    non-integer pixels, an image header of more than `max_image_pixels` pixels, refused before its
+    pixels are allocated) raise BioembedInputError naming plate, well and file, and leave no store (nor
     any temporary folder) behind.
     """
     if not fields:
@@ -244,6 +264,7 @@ def ingest_plate(
         seen.add((f.well, f.site))
 
     with atomic_dir(store_path) as tmp:
+        _check_size(fields[0], channels, max_image_pixels)
         first = _read_field(fields[0], channels)
         attributes = {
             "plate": plate,
@@ -274,7 +295,7 @@ def ingest_plate(
             else:
                 if getattr(local, "buffer", None) is None:
                     local.buffer = np.empty_like(first)
-                stack = _read_field_into(field, channels, local.buffer)
+                stack = _read_field_into(field, channels, local.buffer, max_image_pixels)
             if stack.dtype != first.dtype:
                 raise BioembedInputError(
                     f"mixed bit depth across fields: site {field.site} images are {stack.dtype}, but well "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,12 +40,19 @@ from bioembed_assets.schema import BioembedInputError, parse_well, validate_plat
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """Suffixes treated as image files when scanning a plate folder (case-insensitive)."""
+MAX_IMAGE_PIXELS = 2**26
+"""Default bound on the pixels of one image (8192 x 8192; `RunConfig.max_image_pixels`): a header claiming
+more is refused before anything is allocated."""
 
 
 # -- the field abstraction -----------------------------------------------------------------------
 @runtime_checkable
 class FieldSource(Protocol):
-    """One field of view (site) of a plate, readable per stain."""
+    """One field of view (site) of a plate, readable per stain.
+
+    A source may also offer `check_stored(stain)`, raising if data `read` needs is absent (OME-Zarr
+    chunks); `validate.check_plate_folder` calls it after bounding the image size.
+    """
 
     @property
     def plate(self) -> str: ...
@@ -100,6 +108,21 @@ class FieldFiles:
 def display_path(path: str | os.PathLike[str]) -> str:
     """`path` as printable text: bytes that are not UTF-8 are shown escaped (`\\xff`)."""
     return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def check_image_size(
+    shape: Sequence[int], limit: int, *, plate: str | None, well: str | None, path: str | None
+) -> None:
+    """Raise BioembedInputError if an image of `shape` has more than `limit` pixels (all axes)."""
+    n = math.prod(int(s) for s in shape)
+    if n > limit:
+        side = math.isqrt(limit)
+        raise BioembedInputError(
+            f"image is {' x '.join(str(int(s)) for s in shape)} = {n:,} pixels, more than max_image_pixels = {limit:,} "
+            f"(about {side} x {side}); if the image is genuine, raise max_image_pixels in the run config "
+            "(RunConfig.max_image_pixels)",
+            plate=plate, well=well, path=path,
+        )
 
 
 def _is_pil_format(path: Path) -> bool:
@@ -193,11 +216,11 @@ def require_folder(folder: Path, plate: str) -> Path:
 
 def canonical_well(text: str, *, plate: str | None = None, path: str | None = None) -> str:
     """'a1', 'A1', 'A01', 'A001' -> 'A01'; raises BioembedInputError for anything else."""
-    m = re.fullmatch(r"\s*([A-Za-z]{1,2})0*(\d{1,3})\s*", text or "")
+    m = re.fullmatch(r"\s*([A-Za-z]{1,2})0*(\d{1,2})\s*", text or "")
     if m and int(m.group(2)) > 0:
         return well_name(*parse_well(f"{m.group(1).upper()}{int(m.group(2)):02d}"))
-    raise BioembedInputError(f"invalid well id {text!r}: expected a row letter and a column number, e.g. 'A01'",
-                             plate=plate, path=path)
+    raise BioembedInputError(f"invalid well id {text!r}: expected a row letter (A-ZZ) and a column number (1-99), "
+                             "e.g. 'A01'", plate=plate, path=path)
 
 
 def well_from_row_col(row: str, col: str, *, plate: str | None = None, path: str | None = None) -> str:
@@ -210,10 +233,12 @@ def well_from_row_col(row: str, col: str, *, plate: str | None = None, path: str
             r = parse_well(f"{row.upper()}01")[0]
         else:
             raise ValueError(row)
-        return well_name(r, int(col))
+        well = well_name(r, int(col))
+        parse_well(well)  # representable: rows A-ZZ, columns 1-99
+        return well
     except (ValueError, BioembedInputError):
-        raise BioembedInputError(f"invalid well row {row!r} / column {col!r}: expected e.g. 'C' (or 3) and 7",
-                                 plate=plate, path=path) from None
+        raise BioembedInputError(f"invalid well row {row!r} / column {col!r}: expected e.g. 'C' (or 3) and 7 "
+                                 "(rows A-ZZ, columns 1-99)", plate=plate, path=path) from None
 
 
 def well_sort_key(well: str) -> tuple[int, int]:
@@ -407,6 +432,9 @@ def list_fields(
     `options` are the layout's own (strings are accepted, as a TOML `[layout_options]` gives them):
     phenix `plane`; imagexpress `recursive`, `timepoint`; loaddata `csv`; rxrx none; omezarr `store`,
     `z` (index or "max"), `t`; regex `pattern` (required), `recursive`.
+
+    An OSError while listing (a symbolic-link loop, an unreadable folder) becomes a BioembedInputError
+    naming the plate and the path.
     """
     validate_plate_name(plate)
     reader = get_reader(layout)
@@ -414,4 +442,17 @@ def list_fields(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise BioembedInputError(f"unknown option(s) {unknown} for layout {layout!r}: expected {allowed}", plate=plate)
-    return list(reader(Path(plate_dir), plate, channel_map, **options))
+    try:
+        return list(reader(Path(plate_dir), plate, channel_map, **options))
+    except OSError as e:
+        raise os_error(e, plate, plate_dir) from e
+
+
+def os_error(err: OSError, plate: str, fallback: str | os.PathLike[str]) -> BioembedInputError:
+    """A BioembedInputError for an OSError met while reading `plate` (its path, else `fallback`)."""
+    where = err.filename if err.filename is not None else fallback
+    return BioembedInputError(
+        f"cannot read the plate folder: {err.strerror or err} ({type(err).__name__}); expected a readable folder of "
+        "image files (is a symbolic link looping or dangling, or a folder unreadable?)",
+        plate=plate, path=display_path(where),
+    )

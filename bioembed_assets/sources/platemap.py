@@ -41,7 +41,8 @@ ROW, COLUMN = "row", "column"
 MAPPABLE_COLUMNS: tuple[str, ...] = (*PLATEMAP_COLUMNS, ROW, COLUMN)
 """bioembed columns a `columns` mapping may name; `row` + `column` stand in for `well`
 (row a letter or 1-based number, column a number), as in BBBC013's `1049_Metadata.csv`."""
-_NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
+_ROW = "_platemap_row"
+_NUMBER = re.compile(r"[+-]?\d+(\.\d*)?")  # fullmatch: `$` would allow a trailing newline
 
 
 def _control_type(value: str) -> str | None:
@@ -58,31 +59,41 @@ def _control_type(value: str) -> str | None:
 def _norm_label(value: str | None) -> str:
     """A control label for matching: stripped, lower case, numbers canonical ('+1', '1.0' -> '1')."""
     v = (value or "").strip().lower()
-    if _NUMBER.match(v):
+    if _NUMBER.fullmatch(v):
         f = float(v)
         return str(int(f)) if f.is_integer() else repr(f)
     return v
 
 
-def _well_of(text: str, plate: str, path: str) -> str:
-    try:
-        return well_name(*parse_well((text or "").strip().upper()))
-    except BioembedInputError:
-        m = re.fullmatch(r"\s*([A-Za-z]{1,2})0*(\d{1,3})\s*", text or "")
-        if m and int(m.group(2)) > 0:
-            return well_name(*parse_well(f"{m.group(1).upper()}{int(m.group(2)):02d}"))
-        raise BioembedInputError(f"invalid well id {text!r}: expected e.g. 'A01'", plate=plate, well=text,
-                                 path=path) from None
+_WELL_CELL = re.compile(r"\s*([A-Za-z]{1,2})0*(\d{1,2})\s*")
+"""A platemap well id: row letters A-ZZ, column 1-99 with optional leading zeros ('a1', 'A01', 'A001')."""
 
 
-def _well_of_row_col(row: str, col: str, plate: str, path: str) -> str:
+def _well_of(text: str | None, plate: str, path: str, row: int) -> str:
+    """Canonical well id of platemap row `row` (1-based, after the header): 'A1' -> 'A01'."""
+    m = _WELL_CELL.fullmatch(text or "")
+    if m and int(m.group(2)) > 0:
+        return well_name(*parse_well(f"{m.group(1).upper()}{int(m.group(2)):02d}"))
+    raise BioembedInputError(
+        f"platemap row {row}: invalid well id {text or ''!r}: expected a row letter (A-ZZ) and a column number "
+        "(1-99), e.g. 'A01'",
+        plate=plate, well=text or None, path=path,
+    )
+
+
+def _well_of_row_col(row: str, col: str, plate: str, path: str, line: int) -> str:
     row, col = (row or "").strip(), (col or "").strip()
     try:
         r = int(row) if row.isdigit() else parse_well(f"{row.upper()}01")[0]
-        return well_name(r, int(col))
+        well = well_name(r, int(col))
+        parse_well(well)  # representable: rows A-ZZ, columns 1-99
+        return well
     except (ValueError, BioembedInputError):
-        raise BioembedInputError(f"invalid well row {row!r} / column {col!r}: expected e.g. 'C' (or 3) and 7",
-                                 plate=plate, path=path) from None
+        raise BioembedInputError(
+            f"platemap row {line}: invalid well row {row!r} / column {col!r}: expected e.g. 'C' (or 3) and 7 "
+            "(rows A-ZZ, columns 1-99)",
+            plate=plate, path=path,
+        ) from None
 
 
 def read_platemap(
@@ -101,8 +112,9 @@ def read_platemap(
     that plate's rows are kept (without one, every row belongs to `plate`). Well ids are normalized
     ('A1' -> 'A01'); an empty moa becomes null.
 
-    Raises BioembedInputError (naming plate, file and well) for missing columns, bad well ids, unknown
-    control labels, empty perturbations, duplicate wells or no negative-control wells.
+    Raises BioembedInputError (naming plate, file and well, and the platemap row: 1 = the first row after
+    the header) for missing columns, bad well ids, unknown control labels, empty perturbations,
+    duplicate wells or no negative-control wells.
     """
     path = Path(path)
     if not path.is_file():
@@ -125,6 +137,7 @@ def platemap_from_frame(
 ) -> pl.DataFrame:
     """`read_platemap` on a table already in memory (every column read as text); `source` names it in errors."""
     raw = raw.select(pl.all().cast(pl.Utf8))
+    rows = pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW)  # platemap row numbers, for errors
     columns = dict(columns or {})
     bad_keys = sorted(set(columns) - set(MAPPABLE_COLUMNS))
     if bad_keys:
@@ -149,7 +162,7 @@ def platemap_from_frame(
                                          path=source)
             renamed[col] = key
     picked = {key: pl.col(col) for col, key in renamed.items()} | {key: pl.col(col) for key, col in columns.items()}
-    df = raw.select([expr.alias(key) for key, expr in picked.items()])
+    df = raw.select(rows, *[expr.alias(key) for key, expr in picked.items()])
     has_well = WELL in df.columns or {ROW, COLUMN} <= set(df.columns)
     missing = [c for c in (PERTURBATION, CONTROL_TYPE) if c not in df.columns]
     if not has_well:
@@ -177,17 +190,17 @@ def platemap_from_frame(
 
     wells, ctypes = [], []
     well_cols = [WELL] if WELL in df.columns else [ROW, COLUMN]
-    for row in df.select(*well_cols, PERTURBATION, CONTROL_TYPE).iter_rows():
-        *w_parts, pert, ctype = row
-        w = _well_of(w_parts[0], plate, source) if len(w_parts) == 1 else _well_of_row_col(*w_parts, plate, source)
+    for line, *w_parts, pert, ctype in df.select(_ROW, *well_cols, PERTURBATION, CONTROL_TYPE).iter_rows():
+        w = (_well_of(w_parts[0], plate, source, line) if len(w_parts) == 1
+             else _well_of_row_col(*w_parts, plate, source, line))
         if not (pert or "").strip():
-            raise BioembedInputError("empty perturbation", plate=plate, well=w, path=source)
+            raise BioembedInputError(f"platemap row {line}: empty perturbation", plate=plate, well=w, path=source)
         ct = mapping.get(_norm_label(ctype)) or _control_type(ctype or "")
         if ct is None:
             hint = f" or a label of the control mapping {dict(controls)}" if controls else " (or map it: PlatemapConfig.controls)"
             raise BioembedInputError(
-                f"unknown control_type {ctype!r}: expected one of {list(ControlType.ALL)}{hint}", plate=plate, well=w,
-                path=source,
+                f"platemap row {line}: unknown control_type {ctype!r}: expected one of {list(ControlType.ALL)}{hint}",
+                plate=plate, well=w, path=source,
             )
         wells.append(w)
         ctypes.append(ct)
@@ -200,7 +213,9 @@ def platemap_from_frame(
     )
     dups = out.filter(pl.col(WELL).is_duplicated())[WELL].unique().sort().to_list()
     if dups:
-        raise BioembedInputError(f"duplicate wells {dups}", plate=plate, well=dups[0], path=source)
+        lines = out.filter(pl.col(WELL) == dups[0])[_ROW].to_list()
+        raise BioembedInputError(f"duplicate wells {dups} ({dups[0]} on platemap rows {lines})", plate=plate,
+                                 well=dups[0], path=source)
     if out.filter(pl.col(CONTROL_TYPE) == ControlType.NEGATIVE).is_empty():
         raise BioembedInputError(
             "no negative control wells (control_type 'negative'); normalization needs them", plate=plate, path=source

@@ -1,12 +1,14 @@
 """The DuckDB catalog: a database file holding only views and macros over the lake.
 
-Writers never hold it open; it is rebuilt idempotently (a few ms) under a file lock, and
-users open it with `duckdb.connect(path, read_only=True)`.
+Writers never hold it open; it is rebuilt idempotently (a few ms) under a file lock. The views name
+the lake's files relative to the catalog's folder, so a home can be moved or mounted elsewhere:
+`connect()` points DuckDB's `file_search_path` at that folder (from the DuckDB CLI: run it in the
+home, or `SET file_search_path = '<home>'`). No path or name is ever spliced into SQL text.
 """
 
 from __future__ import annotations
 
-import fcntl
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -35,11 +37,14 @@ def _duckdb_type(dtype: pl.DataType) -> str:
     return _DUCKDB_TYPES[dtype]
 
 
-def _base_view_sql(lake: Lake, table: str) -> str:
+def _base_view_sql(lake: Lake, table: str, folder: Path) -> str:
     t = LAKE_TABLES[table]
     if lake.files(table):
+        # The glob, relative to the catalog folder, holds only our table and key names and `*`,
+        # never the home path; quote it anyway as a proper SQL literal.
+        pattern = os.path.relpath(lake.glob(table), folder).replace("'", "''")
         return (f"CREATE OR REPLACE VIEW lake_{table} AS SELECT * FROM read_parquet("
-                f"'{lake.glob(table)}', hive_partitioning = false, union_by_name = true)")
+                f"'{pattern}', hive_partitioning = false, union_by_name = true)")
     cols = ", ".join(f"CAST(NULL AS {_duckdb_type(dt)}) AS \"{c}\"" for c, dt in t.columns.items())
     return f"CREATE OR REPLACE VIEW lake_{table} AS SELECT {cols} WHERE false"
 
@@ -49,27 +54,36 @@ def build_catalog(catalog_path: str | Path, lake_root: str | Path) -> Path:
 
     Built in a temporary file and renamed into place, so readers never see a half-built one.
     """
-    catalog_path, lake = Path(catalog_path), Lake(lake_root)
-    lock_path = catalog_path.with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock, atomic_file(catalog_path) as tmp:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    catalog_path, lake = Path(catalog_path).absolute(), Lake(Path(lake_root).absolute())
+    with atomic_file(catalog_path) as tmp:  # holds the catalog's writer lock while building
         con = duckdb.connect(str(tmp))
         try:
+            _search_catalog_folder(con, catalog_path)  # views bind their relative globs on creation
             for table in LAKE_TABLES:
-                con.execute(_base_view_sql(lake, table))
+                con.execute(_base_view_sql(lake, table, catalog_path.parent))
             con.execute((sql_dir() / "views.sql").read_text())
         finally:
             con.close()
     return catalog_path
 
 
+def _search_catalog_folder(con: duckdb.DuckDBPyConnection, catalog_path: Path) -> None:
+    """Resolve the views' relative file names against the catalog's folder (a bound parameter)."""
+    folder = str(catalog_path.absolute().parent)
+    if "," in folder:  # file_search_path is a comma-separated list with no escape for commas
+        raise ValueError(f"the catalog folder {folder!r} contains ',', which DuckDB's file_search_path cannot "
+                         "hold; use a home path without commas")
+    con.execute("SET file_search_path = ?", [folder])
+
+
 def connect(catalog_path: str | Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the catalog."""
+    """A read-only connection to the catalog, wherever its home now is."""
     path = Path(catalog_path)
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: materialize some plates first")
-    return duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(path), read_only=True)
+    _search_catalog_folder(con, path)
+    return con
 
 
 def example_queries() -> dict[str, str]:
