@@ -119,20 +119,20 @@ def clean_digest(raw_screen: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return lake_digest(home)
 
 
-def test_kill_at_every_stage_then_rerun_equals_a_clean_run(raw_screen: Path, clean_digest: dict,
-                                                           tmp_path: Path) -> None:
-    """kill -9 the moment each stage starts; the rerun leaves the same rows and features as a run
-    never killed, and no temporaries."""
-    for stage in STAGES:
-        home = fresh_home(tmp_path, raw_screen, stage)
-        proc = start_worker(home, PLATE)
-        kill_when(proc, lambda: stage in started_steps(instance_of(home)))
-        assert finish(start_worker(home, PLATE))["ok"] == [PLATE], stage
-        digest = lake_digest(home)
-        assert {t: rows for t, (rows, _) in digest.items()} == {t: rows for t, (rows, _) in clean_digest.items()}, stage
-        for table, (_, checksum) in digest.items():
-            assert checksum == pytest.approx(clean_digest[table][1], rel=1e-6), (stage, table)
-        assert leftovers(home) == [], stage
+@pytest.mark.parametrize("stage", STAGES)
+def test_kill_at_a_stage_then_rerun_equals_a_clean_run(stage: str, raw_screen: Path, clean_digest: dict,
+                                                       tmp_path: Path) -> None:
+    """kill -9 the moment `stage` starts; the rerun leaves the same rows and features as a run never
+    killed, and no temporaries."""
+    home = fresh_home(tmp_path, raw_screen, "home")
+    proc = start_worker(home, PLATE)
+    kill_when(proc, lambda: stage in started_steps(instance_of(home)))
+    assert finish(start_worker(home, PLATE))["ok"] == [PLATE]
+    digest = lake_digest(home)
+    assert {t: rows for t, (rows, _) in digest.items()} == {t: rows for t, (rows, _) in clean_digest.items()}
+    for table, (_, checksum) in digest.items():
+        assert checksum == pytest.approx(clean_digest[table][1], rel=1e-6), table
+    assert leftovers(home) == []
 
 
 def test_killed_run_holding_the_gpu_slot_does_not_block_the_next_plate(raw_screen: Path, tmp_path: Path) -> None:
