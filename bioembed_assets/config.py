@@ -12,6 +12,7 @@ from bioembed_assets.promotion_rule import PromotionRule
 from bioembed_assets.schema import validate_plate_name
 
 HOME_ENV_VAR = "BIOEMBED_HOME"
+ARTIFACT_ROOT_ENV_VAR = "BIOEMBED_ARTIFACT_ROOT"
 
 
 class Home(BaseModel):
@@ -78,7 +79,9 @@ class Home(BaseModel):
 
     @property
     def mlflow_artifacts(self) -> Path:
-        return self.root / "mlartifacts"
+        """MLflow's artifact root: `<home>/mlartifacts`, or `$BIOEMBED_ARTIFACT_ROOT` (e.g. a larger volume)."""
+        configured = os.environ.get(ARTIFACT_ROOT_ENV_VAR)
+        return Path(configured).expanduser().absolute() if configured else self.root / "mlartifacts"
 
     @property
     def locks(self) -> Path:

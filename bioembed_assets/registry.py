@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bioembed_assets.encoders.base import Encoder, EncoderSpec, build_from_spec
+from bioembed_assets.mlflow_store import prepare_embedded_store
 from bioembed_assets.schema import BioembedInputError
 
 EXPERIMENT = "bioembed-encoders"
@@ -77,6 +78,7 @@ class EncoderRegistry:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        prepare_embedded_store(tracking_uri, artifact_root)  # sqlite: created in, or moved with, the home
         # The registry store resolves `models:/<id>` sources through the global tracking URI.
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)

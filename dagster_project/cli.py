@@ -39,8 +39,8 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     print(f"Example query:\n{sql}\n{result}")
     print(f"\nDagster UI:  DAGSTER_HOME={home.dagster_home} BIOEMBED_HOME={home.root} "
           "uv run dagster dev -m dagster_project.definitions")
-    print(f"MLflow UI:   uv run mlflow ui --backend-store-uri {home.mlflow_tracking_uri} "
-          f"--default-artifact-root {home.mlflow_artifacts}")
+    print(f"MLflow UI:   MLFLOW_DISABLE_TELEMETRY=true MPLCONFIGDIR={home.matplotlib_config} uv run mlflow ui "
+          f"--backend-store-uri {home.mlflow_tracking_uri} --default-artifact-root {home.mlflow_artifacts}")
     print(f"\nFinished in {outcome.seconds:.0f} s.")
     return 1 if outcome.failures else 0
 

@@ -14,6 +14,7 @@ from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
 from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from bioembed_assets.store.atomic import atomic_file
+from bioembed_assets.store.lake import Lake
 from dagster_project.assets import IMPORT_ASSETS
 from dagster_project.automation import report_champion_changes, settle
 from dagster_project.definitions import build_definitions
@@ -130,7 +131,11 @@ def _materialize_all(instance: dg.DagsterInstance, graph: AssetGraph, plate_name
         raise RuntimeError(f"every plate failed: {outcome.failures}")
     t_profiles = time.perf_counter()
     outcome.stage_seconds["plates"] = t_profiles - t_plates
-    for selection, partitions in (([graph.normalizer], [None]), ([graph.normalized_profiles], outcome.plates_ok),
+    # The normalizer is refitted on every profiled plate, so every one of them is normalized again (not only
+    # this run's: plates profiled by an earlier run would keep the old fit's features otherwise).
+    profiled = sorted(set(instance.get_dynamic_partitions(plates.name))
+                      & {p["plate"] for p in Lake(outcome.home.lake).partitions("well_profiles")})
+    for selection, partitions in (([graph.normalizer], [None]), ([graph.normalized_profiles], profiled),
                                   ([graph.evaluation], [None])):
         for partition in partitions:
             if not (result := run(selection, partition)).success:

@@ -186,7 +186,8 @@ def servers(ui_home) -> Iterator[dict[str, Server]]:
     creates its database before any Dagster run opens it."""
     home, _ = ui_home
     env = {**os.environ, "DAGSTER_HOME": str(home.dagster_home), "BIOEMBED_HOME": str(home.root),
-           "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+           "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MPLCONFIGDIR": str(home.matplotlib_config)}
     port, mlflow_port = _free_port(), _free_port()
     started: dict[str, Server] = {}
     try:
