@@ -55,6 +55,7 @@ def build_catalog(catalog_path: str | Path, lake_root: str | Path) -> Path:
     Built in a temporary file and renamed into place, so readers never see a half-built one.
     """
     catalog_path, lake = Path(catalog_path).absolute(), Lake(Path(lake_root).absolute())
+    _check_catalog_path(catalog_path)
     with atomic_file(catalog_path) as tmp:  # holds the catalog's writer lock while building
         con = duckdb.connect(str(tmp))
         try:
@@ -70,10 +71,16 @@ def build_catalog(catalog_path: str | Path, lake_root: str | Path) -> Path:
 def _search_catalog_folder(con: duckdb.DuckDBPyConnection, catalog_path: Path) -> None:
     """Resolve the views' relative file names against the catalog's folder (a bound parameter)."""
     folder = str(catalog_path.absolute().parent)
-    if "," in folder:  # file_search_path is a comma-separated list with no escape for commas
-        raise ValueError(f"the catalog folder {folder!r} contains ',', which DuckDB's file_search_path cannot "
-                         "hold; use a home path without commas")
     con.execute("SET file_search_path = ?", [folder])
+
+
+def _check_catalog_path(path: Path) -> None:
+    """DuckDB cannot hold two characters in these paths: ',' in file_search_path (a comma-separated list,
+    no escape) and '?' in a database path (read as the start of connection options)."""
+    for char, why in ((",", "DuckDB's file_search_path is a comma-separated list"),
+                      ("?", "DuckDB reads '?' in a database path as the start of options")):
+        if char in str(path.absolute()):
+            raise ValueError(f"the catalog path {str(path)!r} contains {char!r} ({why}); use a home path without it")
 
 
 def connect(catalog_path: str | Path) -> duckdb.DuckDBPyConnection:
@@ -81,6 +88,7 @@ def connect(catalog_path: str | Path) -> duckdb.DuckDBPyConnection:
     path = Path(catalog_path)
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: materialize some plates first")
+    _check_catalog_path(path)
     con = duckdb.connect(str(path), read_only=True)
     _search_catalog_folder(con, path)
     return con
