@@ -27,6 +27,16 @@ TINY_SCREEN = SyntheticScreenConfig(
 BAD_PLATES = ("BAD-MISSING", "BAD-CORRUPT", "BAD-NOCONTROLS")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bare_env(user_home: Path) -> dict[str, str]:
+    """What a user's shell has: PATH, a HOME, a locale. None of pytest's variables (MLflow skips its
+    telemetry by itself under PYTEST_CURRENT_TEST), no CI, no XDG_*/MPLCONFIGDIR/DAGSTER_HOME."""
+    env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
+    return env | {"HOME": str(user_home), "PYTHONPATH": str(REPO)}
+
+
 def entries(folder: Path) -> list[str]:
     """The sorted names in `folder`, without writers' lock files (`.lock-*`, kept on purpose)."""
     return sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".lock-"))

@@ -3,7 +3,6 @@ and evaluated, with nothing written outside the bioembed home."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from bioembed_assets.store.catalog import connect
 
+from .conftest import bare_env
 from .test_profile_import import LINCS, needs_lincs
 
 
@@ -20,8 +20,7 @@ from .test_profile_import import LINCS, needs_lincs
 def test_import_profiles_cli_normalizes_evaluates_and_writes_only_under_home(tmp_path: Path) -> None:
     user_home, bioembed_home = tmp_path / "user", tmp_path / "bioembed"
     user_home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MPLCONFIGDIR", "DAGSTER_HOME"))}
-    env |= {"HOME": str(user_home)}
+    env = bare_env(user_home)  # none of pytest's variables: MLflow would skip its telemetry by itself under them
     cmd = [sys.executable, "-m", "dagster_project.cli", "import-profiles", str(LINCS), "--home", str(bioembed_home),
            "--name", "lincs", "--negative", "Metadata_broad_sample=DMSO", "--moa", "Metadata_moa",
            "--recipe", "card", "--recipe", "mad=mad", "--null-size", "2000"]

@@ -16,7 +16,6 @@ before did: 1k 0.9 s, 2k 3.8 s, 20k 1,346 s, fails it). Writes `bench-results/im
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+
+from tests.benchmarks import save_results
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench-results" / "import.json"
@@ -107,10 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown sizes {unknown}; known: {list(SIZES)}")
     with tempfile.TemporaryDirectory(prefix="bench-import-") as tmp:
         results = run(sizes, Path(tmp), a.repeats)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(results, indent=1))
-    print(table(results))
-    print(f"\nwrote {a.out}")
+    save_results(results, a.out, table(results))
     return results
 
 

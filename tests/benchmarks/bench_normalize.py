@@ -62,6 +62,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.benchmarks import save_results
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench-results" / "normalize.json"
 CAP_BYTES = 22 * 1024**3
@@ -372,10 +374,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(results, indent=1))
-    print(table(results))
-    print(f"\nwrote {a.out}")
+    save_results(results, a.out, table(results))
     return results
 
 

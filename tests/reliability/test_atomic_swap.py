@@ -140,3 +140,24 @@ print(pipeline.ingest_raw_plate(Home(root={str(home)!r}).ensure(), {plate!r})["f
     assert sum("waiting for raw_plate of plate" in o for o in outs) == 1, outs
     stores = home / "zarr" / "images"
     assert entries(stores) == [f"{plate}.zarr"]
+
+
+def test_new_content_is_fsynced_before_the_rename_and_its_folder_after(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace, real_exchange = atomic.os.fsync, atomic.os.replace, atomic.exchange_paths
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + Path(f"/proc/self/fd/{fd}").resolve().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1])
+    monkeypatch.setattr(atomic, "exchange_paths", lambda a, b: (events.append("rename"), real_exchange(a, b))[1])
+    with atomic_file(tmp_path / "f.parquet") as tmp:
+        tmp.write_text("x")
+    assert events[-3] == f"fsync {tmp.name}" and events[-2:] == ["rename", f"fsync {tmp_path.name}"]
+    events.clear()
+    _write(tmp_path / "d.zarr", "a")
+    first_rename = events.index("rename")
+    assert "fsync content" in events[:first_rename] and events[-1] == f"fsync {tmp_path.name}"

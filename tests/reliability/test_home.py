@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -15,18 +14,10 @@ from bioembed_assets.config import Home
 from bioembed_assets.registry import EncoderRegistry
 from bioembed_assets.sources.synthetic import generate_screen
 from bioembed_assets.store.catalog import connect
-from tests.conftest import TINY_SCREEN
+from tests.conftest import TINY_SCREEN, bare_env
 from tests.reliability.test_faults import finish, start_worker
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
-
-
-def bare_env(user_home: Path) -> dict[str, str]:
-    """What a user's shell has: PATH, a HOME, a locale. None of pytest's variables (PYTEST_CURRENT_TEST
-    makes MLflow skip telemetry by itself), no CI, no XDG_*/MPLCONFIGDIR/DAGSTER_HOME."""
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
-    return env | {"HOME": str(user_home), "PYTHONPATH": str(REPO)}
 
 
 def test_demo_writes_only_inside_its_home_and_sends_no_telemetry(tmp_path: Path) -> None:
