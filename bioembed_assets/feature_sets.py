@@ -57,6 +57,11 @@ def load_profiles(home: Home, table: str, fs: FeatureSet, **keys: str) -> tuple[
     if df.height == 0:
         raise LookupError(f"no {table} for feature set {fs.name} v{fs.version}{keys or ''}")
     df = df.sort(s.PLATE, s.WELL)
+    widths = df.group_by(s.PLATE).agg(pl.col(s.FEATURES).list.len().max().alias("n")).sort(s.PLATE)
+    if widths["n"].n_unique() > 1:  # e.g. plates normalized by two different fits of the recipe
+        shown = ", ".join(f"{p}: {n}" for p, n in widths.iter_rows())
+        raise s.BioembedInputError(f"{table} of feature set {fs.name} v{fs.version}{keys or ''} have different "
+                                   f"widths per plate ({shown}); re-materialize them together")
     return df.drop(s.FEATURES), features_to_numpy(df)
 
 

@@ -10,10 +10,14 @@ transaction, so models load and new runs write under the home's current location
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import uuid
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from bioembed_assets.store.atomic import target_lock
 
 ARTIFACT_ROOT_HINT = "BIOEMBED_ARTIFACT_ROOT to where the artifacts are"
 
@@ -68,6 +72,26 @@ def _default_under_root(con: sqlite3.Connection, root: Path) -> int:
                        (where, where)).rowcount
 
 
+def _create(db: Path, root: Path) -> None:
+    """Make the schema (and Default at `<root>/0`) in a temporary file renamed into place, under the
+    database's writer lock: processes opening a new home at once neither race MLflow's migrations
+    nor ever see a half-made database."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root.mkdir(parents=True, exist_ok=True)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(db):
+        if db.exists():
+            return
+        tmp = db.with_name(f".tmp-{db.name}-{uuid.uuid4().hex[:12]}")
+        try:
+            store = SqlAlchemyStore(f"sqlite:///{tmp}", root.as_uri())
+            store.engine.dispose()
+            os.replace(tmp, db)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def prepare_embedded_store(tracking_uri: str, artifact_root: str | Path) -> int:
     """Create the sqlite store at `tracking_uri` with `artifact_root`, or relocate an existing one
     made elsewhere; returns the number of recorded locations rewritten (0: nothing to do)."""
@@ -76,10 +100,7 @@ def prepare_embedded_store(tracking_uri: str, artifact_root: str | Path) -> int:
         return 0
     root = Path(artifact_root).absolute()
     if not db.exists():
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        root.mkdir(parents=True, exist_ok=True)
-        SqlAlchemyStore(tracking_uri, root.as_uri())  # makes the schema and Default at <root>/0
+        _create(db, root)
         return 0
     con = sqlite3.connect(db, timeout=60, isolation_level=None)
     try:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from bioembed_assets.encoders.base import Encoder, EncoderSpec, build_from_spec
 from bioembed_assets.mlflow_store import prepare_embedded_store
 from bioembed_assets.schema import BioembedInputError
+from bioembed_assets.store.locks import file_lock
 
 EXPERIMENT = "bioembed-encoders"
 EVALUATION_EXPERIMENT = "bioembed-evaluation"
@@ -91,9 +92,12 @@ class EncoderRegistry:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        self.artifact_root.mkdir(parents=True, exist_ok=True)
-        return self.client.create_experiment(name, artifact_location=(self.artifact_root / name).as_uri(),
-                                             tags={EXPERIMENT_KIND_TAG: CLASSIC_ML_KIND})
+        with file_lock(self.artifact_root / ".lock-experiments", "another process creating an experiment"):
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            return self.client.create_experiment(name, artifact_location=(self.artifact_root / name).as_uri(),
+                                                 tags={EXPERIMENT_KIND_TAG: CLASSIC_ML_KIND})
 
     def register(self, name: str, encoder: Encoder, *, trained: bool, description: str = "",
                  alias: str | None = None, run_id: str | None = None, num_channels: int | None = None,
@@ -188,10 +192,11 @@ class EncoderRegistry:
 
     def ensure(self, name: str, make_encoder, *, description: str = "") -> EncoderVersion:
         """The champion of `name`; registers `make_encoder()` (untrained) as champion if none."""
-        found = self.get(name)
-        if found is not None:
-            return found
-        return self.register(name, make_encoder(), trained=False, description=description, alias=CHAMPION)
+        with file_lock(self.artifact_root / f".lock-register-{name}", f"the registration of {name}"):
+            found = self.get(name)  # under the lock: processes starting at once register one v1
+            if found is not None:
+                return found
+            return self.register(name, make_encoder(), trained=False, description=description, alias=CHAMPION)
 
     def load(self, name: str, alias: str = CHAMPION) -> tuple[Encoder, EncoderVersion]:
         """Rebuild the encoder version that `alias` points at, with its weights."""

@@ -15,6 +15,7 @@ from bioembed_assets.pipeline import save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.lake import Lake
+from bioembed_assets.store.locks import file_lock
 from dagster_project.assets import IMPORT_ASSETS
 from dagster_project.automation import report_champion_changes, settle
 from dagster_project.definitions import build_definitions
@@ -133,13 +134,16 @@ def _materialize_all(instance: dg.DagsterInstance, graph: AssetGraph, plate_name
     outcome.stage_seconds["plates"] = t_profiles - t_plates
     # The normalizer is refitted on every profiled plate, so every one of them is normalized again (not only
     # this run's: plates profiled by an earlier run would keep the old fit's features otherwise).
-    profiled = sorted(set(instance.get_dynamic_partitions(plates.name))
-                      & {p["plate"] for p in Lake(outcome.home.lake).partitions("well_profiles")})
-    for selection, partitions in (([graph.normalizer], [None]), ([graph.normalized_profiles], profiled),
-                                  ([graph.evaluation], [None])):
-        for partition in partitions:
-            if not (result := run(selection, partition)).success:
-                raise RuntimeError(f"{selection[0].key.to_user_string()} failed: {_failure_message(result)}")
+    # One run at a time fits, applies and evaluates (runs of other plates may be going on in parallel).
+    with file_lock(outcome.home.locks / "cross-plate.lock", "another run's normalizer, normalized profiles and "
+                   "evaluation", on_wait=lambda msg: log(f"  {msg}")):
+        profiled = sorted(set(instance.get_dynamic_partitions(plates.name))
+                          & {p["plate"] for p in Lake(outcome.home.lake).partitions("well_profiles")})
+        for selection, partitions in (([graph.normalizer], [None]), ([graph.normalized_profiles], profiled),
+                                      ([graph.evaluation], [None])):
+            for partition in partitions:
+                if not (result := run(selection, partition)).success:
+                    raise RuntimeError(f"{selection[0].key.to_user_string()} failed: {_failure_message(result)}")
     outcome.stage_seconds["normalize + evaluate"] = time.perf_counter() - t_profiles
     log("  normalizer fitted, plates normalized, evaluation done")
     return outcome

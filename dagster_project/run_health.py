@@ -58,14 +58,16 @@ def _code_server_has_run(run: dg.DagsterRun) -> bool | None:
 def worker_alive(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool | None:
     """Is the run's worker process still there? None when it cannot be told (then: leave the run alone).
 
-    Asks the code server that launched it; otherwise (in-process runs, or a code server that cannot
-    answer) looks for the run worker's process on this machine, started no later than the run.
+    Asks the code server that launched it (yes is final); otherwise (in-process runs, a code server that
+    restarted or cannot answer) looks for the run worker's process on this machine, started no later
+    than the run, so a worker orphaned by a restarted code server is not failed while it still runs.
     """
-    if (answer := _code_server_has_run(run)) is not None:
-        return answer
+    server_says = _code_server_has_run(run)
+    if server_says:
+        return True
     pid = _run_worker_pid(instance, run.run_id)
     if pid is None:
-        return None
+        return server_says
     record = instance.get_run_record_by_id(run.run_id)
     started = record.start_time if record is not None else None
     try:

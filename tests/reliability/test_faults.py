@@ -42,14 +42,18 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def start_worker(home: Path, *plates: str) -> subprocess.Popen:
-    """`tests.reliability.worker` materializing `plates` of `home` in a new process."""
-    return subprocess.Popen([sys.executable, "-m", "tests.reliability.worker", str(home), *plates], cwd=REPO,
-                            env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """`tests.reliability.worker` materializing `plates` of `home` in a new process (stderr to a log
+    beside the home)."""
+    log = home.parent / f"worker-{home.name}-{'-'.join(plates)}-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.worker", str(home), *plates], cwd=REPO,
+                            env=_env(home), stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
     out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"worker exited {proc.returncode}: {out[-2000:]}"
+    assert proc.returncode == 0, f"worker exited {proc.returncode}: {out[-2000:]}\n{proc.log.read_text()[-3000:]}"
     return json.loads(out.strip().splitlines()[-1])
 
 
