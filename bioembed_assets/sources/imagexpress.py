@@ -38,15 +38,15 @@ from bioembed_assets.sources.layouts import (
 _GUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 METAXPRESS_NAME = re.compile(
     rf"^(?:(?P<prefix>.*?)_)?(?P<well>[A-Za-z]{{1,2}}\d{{1,3}})(?:_s(?P<site>\d+))?_w(?P<channel>\d+?)"
-    rf"(?P<suffix>{_GUID}|[A-Za-z][0-9A-Za-z-]*)?\.tiff?$",
+    rf"(?P<suffix>{_GUID}|[A-Za-z][0-9A-Za-z-]*)?\.tiff?\Z",
     re.IGNORECASE,
 )
 """Groups: prefix, well, site (optional), channel, suffix (optional GUID)."""
 EXAMPLEHUMAN_NAME = re.compile(
-    r"^(?:(?P<prefix>.*?)_)?(?P<well>[A-Za-z]{1,2}\d{1,3})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?$", re.IGNORECASE
+    r"^(?:(?P<prefix>.*?)_)?(?P<well>[A-Za-z]{1,2}\d{1,3})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?\Z", re.IGNORECASE
 )
 """Groups: prefix, well, site (0-based field), channel (0-based index)."""
-_TIMEPOINT = re.compile(r"^TimePoint_(\d+)$", re.IGNORECASE)
+_TIMEPOINT = re.compile(r"^TimePoint_(\d+)\Z", re.IGNORECASE)
 
 
 def parse_imagexpress_name(name: str) -> tuple[str, int, str, str] | None:

@@ -26,7 +26,7 @@ from bioembed_assets.sources.layouts import (
 
 __all__ = ["PHENIX_NAME", "FieldFiles", "list_phenix_fields"]
 
-PHENIX_NAME = re.compile(r"^r(\d+)c(\d+)f(\d+)p(\d+)-ch(\d+)(?:sk\d+fk\d+fl\d+)?\.tiff?$", re.IGNORECASE)
+PHENIX_NAME = re.compile(r"^r(\d+)c(\d+)f(\d+)p(\d+)-ch(\d+)(?:sk\d+fk\d+fl\d+)?\.tiff?\Z", re.IGNORECASE)
 """Groups: row, column, field, plane, channel."""
 
 

@@ -23,7 +23,7 @@ from bioembed_assets.sources.layouts import (
     scan_image_files,
 )
 
-RXRX_NAME = re.compile(r"^(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?P<site>\d+)_w(?P<channel>\d+)\.png$", re.IGNORECASE)
+RXRX_NAME = re.compile(r"^(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?P<site>\d+)_w(?P<channel>\d+)\.png\Z", re.IGNORECASE)
 """Groups: well, site, channel."""
 
 
