@@ -83,10 +83,11 @@ class Home(BaseModel):
         configured = os.environ.get(ARTIFACT_ROOT_ENV_VAR)
         return Path(configured).expanduser().absolute() if configured else self.root / "mlartifacts"
 
-    @property
-    def locks(self) -> Path:
-        """Lock files serializing runs of one stage of one plate (`pipeline.one_run_per_plate`)."""
-        return self.root / "locks"
+    def stage_lock(self, stage: str, plate: str | None = None) -> Path:
+        """The lock file one run of `stage` holds, for `plate` (`pipeline.one_run_per_plate`) or for the
+        whole home (cross-plate stages)."""
+        folder = self.root / "locks"
+        return folder / stage / f"{validate_plate_name(plate)}.lock" if plate else folder / f"{stage}.lock"
 
     @property
     def dagster_home(self) -> Path:

@@ -10,14 +10,12 @@ transaction, so models load and new runs write under the home's current location
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from bioembed_assets.store.atomic import target_lock
+from bioembed_assets.store.atomic import atomic_create
 
 ARTIFACT_ROOT_HINT = "BIOEMBED_ARTIFACT_ROOT to where the artifacts are"
 
@@ -73,23 +71,14 @@ def _default_under_root(con: sqlite3.Connection, root: Path) -> int:
 
 
 def _create(db: Path, root: Path) -> None:
-    """Make the schema (and Default at `<root>/0`) in a temporary file renamed into place, under the
-    database's writer lock: processes opening a new home at once neither race MLflow's migrations
-    nor ever see a half-made database."""
+    """Make the schema (and Default at `<root>/0`) in a temporary file renamed into place, once: processes
+    opening a new home at once neither race MLflow's migrations nor ever see a half-made database."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     root.mkdir(parents=True, exist_ok=True)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with target_lock(db):
-        if db.exists():
-            return
-        tmp = db.with_name(f".tmp-{db.name}-{uuid.uuid4().hex[:12]}")
-        try:
-            store = SqlAlchemyStore(f"sqlite:///{tmp}", root.as_uri())
-            store.engine.dispose()
-            os.replace(tmp, db)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_create(db) as tmp:
+        if tmp is not None:
+            SqlAlchemyStore(f"sqlite:///{tmp}", root.as_uri()).engine.dispose()
 
 
 def prepare_embedded_store(tracking_uri: str, artifact_root: str | Path) -> int:

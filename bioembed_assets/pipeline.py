@@ -121,7 +121,7 @@ def one_run_per_plate(stage: str) -> Callable[[Callable[..., dict]], Callable[..
             bound = signature.bind(*args, **kwargs).arguments
             home, plate = bound["home"], s.validate_plate_name(bound["plate"])
             name = f"{stage}-{bound['version'].name}" if "version" in bound else stage
-            with file_lock(home.locks / name / f"{plate}.lock", f"{name} of plate {plate}", on_wait=log.warning):
+            with file_lock(home.stage_lock(name, plate), f"{name} of plate {plate}", on_wait=log.warning):
                 return fn(*args, **kwargs)
 
         return serialized
@@ -299,6 +299,11 @@ def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
                version=version.version, plate=plate)
     missing = sorted(set(platemap[s.WELL]) - set(wells_meta[s.WELL]))
     return {"wells": wells_meta.height, "wells_without_cells": len(missing), "cells_excluded_by_qc": excluded}
+
+
+def profiled_plates(home: Home) -> set[str]:
+    """Plates with well profiles of any feature set in the lake."""
+    return {keys[s.PLATE] for keys in Lake(home.lake).partitions("well_profiles")}
 
 
 def _require(df: pl.DataFrame, table: str, plate: str, asset: str) -> None:

@@ -110,12 +110,11 @@ def _import_summary(manifest: dict) -> str:
     non_numeric, ignored = manifest.get("dropped_non_numeric", []), manifest.get("ignored_columns", [])
     lines = [f"  {manifest['rows']} wells on {len(manifest['plates'])} plate(s), {len(manifest['features'])} features; "
              f"dropped: {manifest['dropped_features']} not in every file, {len(non_numeric)} holding non-numbers"]
-    if non_numeric:
-        lines.append(f"  dropped non-numeric feature columns: {', '.join(non_numeric[:10])}"
-                     + (f" (+{len(non_numeric) - 10} more)" if len(non_numeric) > 10 else ""))
-    if ignored:
-        lines.append(f"  ignored text columns (no numeric value): {', '.join(ignored[:10])}"
-                     + (f" (+{len(ignored) - 10} more)" if len(ignored) > 10 else ""))
+    for title, names in (("dropped non-numeric feature columns", non_numeric),
+                         ("ignored text columns (no numeric value)", ignored)):
+        if names:
+            more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+            lines.append(f"  {title}: {', '.join(names[:10])}{more}")
     return "\n".join(lines)
 
 

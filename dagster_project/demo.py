@@ -11,10 +11,9 @@ import dagster as dg
 import yaml
 
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
-from bioembed_assets.pipeline import save_run_config
+from bioembed_assets.pipeline import profiled_plates, save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from bioembed_assets.store.atomic import atomic_file
-from bioembed_assets.store.lake import Lake
 from bioembed_assets.store.locks import file_lock
 from dagster_project.assets import IMPORT_ASSETS
 from dagster_project.automation import report_champion_changes, settle
@@ -135,10 +134,9 @@ def _materialize_all(instance: dg.DagsterInstance, graph: AssetGraph, plate_name
     # The normalizer is refitted on every profiled plate, so every one of them is normalized again (not only
     # this run's: plates profiled by an earlier run would keep the old fit's features otherwise).
     # One run at a time fits, applies and evaluates (runs of other plates may be going on in parallel).
-    with file_lock(outcome.home.locks / "cross-plate.lock", "another run's normalizer, normalized profiles and "
+    with file_lock(outcome.home.stage_lock("cross-plate"), "another run's normalizer, normalized profiles and "
                    "evaluation", on_wait=lambda msg: log(f"  {msg}")):
-        profiled = sorted(set(instance.get_dynamic_partitions(plates.name))
-                          & {p["plate"] for p in Lake(outcome.home.lake).partitions("well_profiles")})
+        profiled = sorted(set(instance.get_dynamic_partitions(plates.name)) & profiled_plates(outcome.home))
         for selection, partitions in (([graph.normalizer], [None]), ([graph.normalized_profiles], profiled),
                                       ([graph.evaluation], [None])):
             for partition in partitions:

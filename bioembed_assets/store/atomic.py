@@ -107,12 +107,13 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it is fsynced and renamed onto `target`."""
-    target = Path(target)
+def _file_swap(target: Path, only_if_missing: bool) -> Iterator[Path | None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(target):
         _recover_and_clean(target, target.parent)
+        if only_if_missing and target.exists():
+            yield None
+            return
         tmp = _temp_sibling(target, target.parent)
         try:
             yield tmp
@@ -123,6 +124,21 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
                 _fsync_path(target.parent, directory=True)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is fsynced and renamed onto `target`."""
+    with _file_swap(Path(target), only_if_missing=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_create(target: str | Path) -> Iterator[Path | None]:
+    """`atomic_file` for a file made once: yields None (and writes nothing) if `target` already exists,
+    checked under its lock, so processes creating it at once make it exactly once."""
+    with _file_swap(Path(target), only_if_missing=True) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
