@@ -21,6 +21,10 @@ class ControlType:
 # Column names used in tables, the lake and SQL (snake_case everywhere).
 PLATE, WELL, SITE, FIELD, CELL_ID = "plate", "well", "site", "field", "cell_id"
 PERTURBATION, CONTROL_TYPE, MOA = "perturbation", "control_type", "moa"
+BATCH, COMPOUND = "batch", "compound"
+"""Optional design columns of well profiles: the batch a plate belongs to (e.g. its week; absent or
+null: the plate itself) and the compound of a treatment (absent or null: the perturbation, e.g. one
+compound at several doses is several perturbations of one compound). See `design.py`."""
 ENCODER, ENCODER_VERSION, RECIPE = "encoder", "encoder_version", "recipe"
 FEATURES = "features"
 """List-of-float32 column holding an embedding or a profile vector."""
