@@ -15,9 +15,10 @@ from pathlib import Path
 
 import polars as pl
 
-from bioembed_assets import feature_sets, pipeline
+from bioembed_assets import feature_sets
 from bioembed_assets import schema as s
 from bioembed_assets.config import Home
+from bioembed_assets.evaluate.crossfit import CrossFit, pipeline
 from bioembed_assets.inference import resolve_device
 from bioembed_assets.promotion import evaluated_plates, version_metrics
 from bioembed_assets.registry import EVALUATION_EXPERIMENT, EncoderRegistry, EncoderVersion
@@ -42,7 +43,8 @@ def needs_evaluation(home: Home, version: EncoderVersion, plates: Sequence[str])
 
 def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVersion, plates: Sequence[str],
                      recipes: Mapping[str, str], *, device: str = "auto", batch_size: int = 256,
-                     null_size: int = 10000, log: Callable[[str], None] = print) -> feature_sets.Evaluation:
+                     null_size: int = 10000, crossfit: CrossFit = "auto",
+                     log: Callable[[str], None] = print) -> feature_sets.Evaluation:
     """Embed, profile, normalize and evaluate `version` on `plates`; log the runs to MLflow."""
     if not plates:
         raise LookupError(f"no plates to evaluate {version.name} v{version.version} on; materialize crops first")
@@ -54,7 +56,7 @@ def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVers
             f"{'(rows reused)' if summary['reused'] else 'embedded'}")
     _drop_other_plates(home, version, plates)
     feature_sets.normalize_feature_set(home, version, recipes)
-    result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=null_size)
+    result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=null_size, crossfit=crossfit)
     log_evaluation_runs(home, registry, version, result, recipes, plates)
     return result
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -165,6 +165,9 @@ class RunConfig(BaseModel):
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
     recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
     """Normalization recipes to fit and evaluate: name -> preset name or step string (see README)."""
+    crossfit: Literal["auto", "off"] | Annotated[int, Field(ge=2)] = "auto"
+    """How a recipe's replicate mAP is cross-fitted: auto (2 folds when every plate keeps 4 controls per
+    fold, else in-sample), off (in-sample) or a fold count (see README: Cross-fitting)."""
     promotion: PromotionRule = Field(default_factory=PromotionRule)
     """When a trained challenger replaces the champion (see README: Promotion)."""
     config_dir: str | None = None

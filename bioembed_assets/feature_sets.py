@@ -8,18 +8,21 @@ recipe with the same metrics, so feature sets and recipes are compared like for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import polars as pl
 
+from bioembed_assets import design
 from bioembed_assets import schema as s
 from bioembed_assets.config import Home
-from bioembed_assets.evaluate.batch import batch_effect_scores
-from bioembed_assets.evaluate.crossfit import cross_fitted_replicate_map
+from bioembed_assets.evaluate.batch import batch_asw, batch_effect_scores
+from bioembed_assets.evaluate.crossfit import CrossFit, cross_fitted_replicate_map, plan_crossfit
 from bioembed_assets.evaluate.knn import nsc, nscb
 from bioembed_assets.evaluate.pairs import UnpairedError, nonreplicate_average_precision
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
@@ -28,6 +31,7 @@ from bioembed_assets.evaluate.retrieval import fraction_retrieved, mean_average_
 from bioembed_assets.evaluate.separation import control_z_prime
 from bioembed_assets.profiles.recipe import Recipe
 from bioembed_assets.sources.profile_table import feature_set_dir, load_manifest
+from bioembed_assets.store.atomic import atomic_file, remove_atomic
 from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
 
 RAW_RECIPE = "raw"
@@ -86,12 +90,14 @@ def fit_normalizer(home: Home, fs: FeatureSet, recipe: str = CARD_RECIPE, spec: 
     and store its parameters under the home (named `recipe`)."""
     meta, X = load_profiles(home, "well_profiles", fs)
     negative = is_negative(meta)
+    batches = design.batches(meta)
     fitted = Recipe.parse(spec or recipe).fit(X, meta[s.PLATE].to_numpy(), negative,
                                               feature_names=feature_names(home, fs, X.shape[1]),
-                                              perturbations=meta[s.PERTURBATION].to_numpy())
+                                              perturbations=meta[s.PERTURBATION].to_numpy(), batches=batches)
     fitted.save(normalizer_path(home, fs, recipe))
+    _fit_error_path(home, fs, recipe).unlink(missing_ok=True)
     return {"recipe": recipe, "steps": fitted.spec, "plates": meta[s.PLATE].n_unique(),
-            "control_wells": int(negative.sum()), "wells": meta.height,
+            "batches": int(np.unique(batches).size), "control_wells": int(negative.sum()), "wells": meta.height,
             "features_in": int(X.shape[1]), "features_out": len(fitted.output_features)}
 
 
@@ -99,32 +105,74 @@ def normalize_plate(home: Home, plate: str, fs: FeatureSet, recipe: str = CARD_R
     """One plate's well profiles through the stored recipe -> `normalized_profiles` (each row
     records the recipe name and its full step list)."""
     meta, X = load_profiles(home, "well_profiles", fs, plate=plate)
-    fitted = Recipe.load(normalizer_path(home, fs, recipe))
-    Y = fitted.transform(X, meta[s.PLATE].to_numpy(), is_negative(meta))
+    path = normalizer_path(home, fs, recipe)
+    if not path.exists():
+        raise LookupError(f"recipe {recipe!r} of feature set {fs.name} v{fs.version} is not fitted (no {path}); "
+                          "materialize the normalizer first (its fit may have failed: see the recipe_status table)")
+    fitted = Recipe.load(path)
+    Y = fitted.transform(X, meta[s.PLATE].to_numpy(), is_negative(meta), batches=design.batches(meta))
     out = with_features(meta.with_columns(pl.lit(recipe).alias(s.RECIPE), pl.lit(fitted.spec).alias("recipe_steps")), Y)
     Lake(home.lake).write("normalized_profiles", out, encoder=fs.name, version=fs.version, recipe=recipe, plate=plate)
     return {"wells": out.height, "dim": int(Y.shape[1])}
 
 
-def normalize_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES) -> dict:
-    """Fit every recipe and normalize every plate of the feature set."""
+def _fit_error_path(home: Home, fs: FeatureSet, recipe: str) -> Path:
+    path = normalizer_path(home, fs, recipe)
+    return path.with_name(f"{path.name}.error")
+
+
+def discard_recipe(home: Home, fs: FeatureSet, recipe: str, error: str) -> None:
+    """Remove a recipe's fitted parameters and normalized rows, so a failed refit leaves no stale
+    or half-normalized profiles under its name, and keep `error` for the evaluation's status."""
+    remove_atomic(normalizer_path(home, fs, recipe))
+    Lake(home.lake).drop("normalized_profiles", encoder=fs.name, version=fs.version, recipe=recipe)
+    path = _fit_error_path(home, fs, recipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(error)
+
+
+def fit_error(home: Home, fs: FeatureSet, recipe: str) -> str | None:
+    """Why the last fit of `recipe` failed (None if it did not)."""
+    path = _fit_error_path(home, fs, recipe)
+    return path.read_text() if path.exists() else None
+
+
+def failure(exc: BaseException) -> str:
+    """One line saying what went wrong (the exception type and message)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def normalize_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES) -> dict[str, dict]:
+    """Fit every recipe and normalize every plate of the feature set. A recipe that fails is
+    discarded and reported (`{"error": ...}`) without stopping the others."""
     plates = sorted({p[s.PLATE] for p in Lake(home.lake).partitions("well_profiles", encoder=fs.name,
                                                                     version=fs.version)})
-    out = {}
+    out: dict[str, dict] = {}
     for name, spec in recipes.items():
-        out[name] = fit_normalizer(home, fs, name, spec)
-        for plate in plates:
-            normalize_plate(home, plate, fs, name)
+        try:
+            out[name] = fit_normalizer(home, fs, name, spec)
+            for plate in plates:
+                normalize_plate(home, plate, fs, name)
+        except Exception as exc:  # one bad recipe (e.g. too few controls for its steps) must not stop the others
+            discard_recipe(home, fs, name, failure(exc))
+            out[name] = {"recipe": name, "steps": spec, "error": failure(exc)}
     return out
+
+
+class RecipeFitError(RuntimeError):
+    """The recipe could not be fitted (the message is the fit's error)."""
 
 
 @dataclass
 class Evaluation:
-    """Scalar metrics per recipe, per-group mAP tables, and PNG plots of one feature set."""
+    """Scalar metrics per recipe, per-group mAP tables, PNG plots and per-recipe status of one
+    feature set (`failed`: recipe -> error, for recipes that could not be evaluated)."""
 
     metrics: pl.DataFrame
     groups: pl.DataFrame
     plots: dict[str, bytes]
+    failed: dict[str, str] = field(default_factory=dict)
 
     def value(self, recipe: str, metric: str) -> float:
         row = self.metrics.filter((pl.col(s.RECIPE) == recipe) & (pl.col("metric") == metric))
@@ -140,11 +188,23 @@ def moa_relationships(meta: pl.DataFrame, sep: str = "|") -> pl.DataFrame:
     return pairs.select(pl.col(s.PERTURBATION).alias("entity1"), pl.col(f"{s.PERTURBATION}_b").alias("entity2")).unique()
 
 
+def batch_effect_metrics(meta: pl.DataFrame, X: np.ndarray) -> dict[str, float]:
+    """Plate and batch effect of treated wells: `plate_*` (kNN accuracy / entropy, silhouette of the
+    plates) and `batch_*` (the same of the batch labels; equal to the plate ones without a batch
+    column), plus `batch_asw` (scib's batch ASW over all wells, label = perturbation)."""
+    treated, pert = ~is_negative(meta), meta[s.PERTURBATION].to_numpy()
+    batches = design.batches(meta)
+    plate = batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=treated, groups=pert)
+    out = {("n_plates" if k == "n_batches" else k.replace("batch_", "plate_")): v for k, v in plate.items() if k != "n_rows"}
+    out |= batch_effect_scores(X, batches, mask=treated, groups=pert)
+    out["batch_asw"] = batch_asw(X, batches, pert) if np.unique(batches).size > 1 else float("nan")
+    return out
+
+
 def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null_size: int, seed: int,
                       relationships: pl.DataFrame | None) -> tuple[dict[str, float], dict[str, pl.DataFrame]]:
     """Every metric but the (possibly cross-fitted) activity mAP: non-replicate mAP, MoA mAP, NSC/NSCB,
-    known-relationship recall, plate effect and Z' (NaN where the design does not allow one)."""
-    nan = float("nan")
+    known-relationship recall, plate and batch effect and Z' (NaN where the design does not allow one)."""
     negative = is_negative(meta)
     treated = ~negative
     treated_meta = meta.filter(pl.Series(treated))
@@ -162,83 +222,163 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
     if has_moa:
         moa = moa_map(meta, X, null_size=null_size, seed=seed)
         tables["moa"] = moa
-        scalars |= {"moa_map": moa["mean_average_precision"].mean(), "moa_fraction_retrieved": fraction_retrieved(moa),
-                    "nsc_accuracy": nsc(meta, X).accuracy,
-                    "nscb_accuracy": nscb(meta, X).accuracy if meta[s.PLATE].n_unique() > 1 else nan}
+        scalars |= {"moa_map": moa["mean_average_precision"].mean(), "moa_fraction_retrieved": fraction_retrieved(moa)}
+        scalars |= _nearest_neighbour_metrics(meta, X)
     pairs = relationships if relationships is not None else (moa_relationships(meta) if has_moa else None)
     n_perts = treated_meta[s.PERTURBATION].n_unique()
     if pairs is not None and pairs.height and n_perts >= 20:
         recall = known_relationship_recall(treated_meta, X[treated], pairs)
         scalars |= {"relationship_recall_5": recall.metrics["recall_0.05_0.95"],
                     "relationship_recall_10": recall.metrics["recall_0.1_0.9"]}
-    scalars |= batch_effect_scores(X, meta[s.PLATE].to_numpy(), mask=treated, groups=meta[s.PERTURBATION].to_numpy())
+    scalars |= batch_effect_metrics(meta, X)
     positive = (meta[s.CONTROL_TYPE] == s.ControlType.POSITIVE).to_numpy()
     scalars["control_z_prime"] = control_z_prime(X, positive, negative, seed=seed)
     return scalars, tables
 
 
+def _nearest_neighbour_metrics(meta: pl.DataFrame, X: np.ndarray) -> dict[str, float]:
+    """NSC and NSCB accuracy (mean over treatments) and how many treatments each counts."""
+    out = {}
+    for key, fn in (("nsc", nsc), ("nscb", nscb)):
+        if key == "nscb" and np.unique(design.batches(meta)).size < 2:
+            out |= {"nscb_accuracy": float("nan"), "nscb_treatments": 0.0}
+            continue
+        res = fn(meta, X)
+        out |= {f"{key}_accuracy": res.accuracy, f"{key}_treatments": float(res.n_counted)}
+    return out
+
+
+def _per_plate_steps(recipe: Recipe) -> bool:
+    return any(step.per_batch and step.grouping == "plate" for step in recipe.steps)
+
+
 def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES,
-                         null_size: int = 10000, seed: int = 0,
-                         relationships: pl.DataFrame | None = None) -> Evaluation:
+                         null_size: int = 10000, seed: int = 0, relationships: pl.DataFrame | None = None,
+                         crossfit: CrossFit = "auto") -> Evaluation:
     """Score the raw profiles and each recipe's normalized profiles with the same metrics; stored in
-    the `metrics` (scalars) and `replicate_map` (per group: kind replicate / nonrep / moa) tables.
+    the `metrics` (scalars), `replicate_map` (per group: kind replicate / nonrep / moa) and
+    `recipe_status` (ok / failed with the error, per recipe) tables.
 
     - replicate mAP vs negative controls, p-values, BH-FDR, fraction retrieved; for a fitted recipe
-      it is cross-fitted (`evaluate.crossfit`): negatives are never controls the recipe was fitted on;
+      it is cross-fitted (`evaluate.crossfit`, `crossfit`: auto | off | folds; `crossfit_folds` records
+      the folds used, 0 = in-sample): negatives are never controls the recipe was fitted on;
     - replicate mAP vs non-replicates (other treated perturbations);
-    - MoA mAP, NSC and NSCB nearest-neighbour MoA accuracy (when MoAs are annotated);
+    - MoA mAP, NSC and NSCB nearest-neighbour MoA accuracy (when MoAs are annotated; `evaluate.knn`);
     - known-relationship recall (EFAAR) of `relationships` (default: perturbation pairs sharing a MoA);
-    - plate effect on treated wells (silhouette; kNN plate accuracy and entropy among wells of other
-      perturbations) and control Z'.
-    Raw metrics leave out feature columns with NaN/inf (counted as `features_skipped_non_finite`);
-    recipes must deal with them (e.g. `feature_select(nan)` first) or fail with a clear error.
+    - plate and batch effect (`batch_effect_metrics`) and control Z'.
+    Raw metrics leave out feature columns with NaN/inf (counted as `features_skipped_non_finite`).
+    A recipe that fails (not normalized, or its metrics cannot be computed) is recorded as failed
+    and the others are scored.
     """
     raw_meta, raw_X = load_profiles(home, "well_profiles", fs)
     names = feature_names(home, fs, raw_X.shape[1])
     finite = np.isfinite(raw_X).all(axis=0)  # imported tables may have NaN columns: raw metrics skip them
-    sets = {RAW_RECIPE: (raw_meta, raw_X if finite.all() else raw_X[:, finite])}
-    sets |= {name: load_profiles(home, "normalized_profiles", fs, recipe=name) for name in recipes}
-    rows, groups, plots = [], [], {}
-    for recipe, (meta, X) in sets.items():
-        if recipe == RAW_RECIPE:  # nothing fitted: every control can be a negative
-            rep = replicate_map(meta, X, null_size=null_size, seed=seed)
-        else:
-            spec = recipes[recipe]
-            rep = cross_fitted_replicate_map(
-                raw_meta, raw_X, lambda spec=spec: _CrossFitRecipe(spec, names, raw_meta[s.PERTURBATION].to_numpy()),
-                null_size=null_size, seed=seed)
-        scalars, tables = _retrieval_tables(meta, X, rep, null_size, seed, relationships)
-        if recipe == RAW_RECIPE:
-            scalars["features_skipped_non_finite"] = float((~finite).sum())
+    rows, groups, plots, status, failed = [], [], {}, [], {}
+    for recipe in [RAW_RECIPE, *recipes]:
+        spec = "" if recipe == RAW_RECIPE else recipes[recipe]
+        stage, how = "load", ""
+        try:
+            if recipe == RAW_RECIPE:
+                meta, X = raw_meta, raw_X if finite.all() else raw_X[:, finite]
+                n_folds = 0
+            else:
+                why = fit_error(home, fs, recipe)
+                if why is not None:
+                    stage = "fit"
+                    raise RecipeFitError(why)
+                meta, X = load_profiles(home, "normalized_profiles", fs, recipe=recipe)
+                stage = "crossfit"
+                parsed = Recipe.parse(spec)
+                plan = plan_crossfit(crossfit, _per_plate_steps(parsed), raw_meta[s.PLATE].to_numpy(),
+                                     design.batches(raw_meta), is_negative(raw_meta))
+                n_folds, how = plan.n_folds, plan.reason
+            stage = "evaluate"
+            if n_folds == 0:  # raw: nothing fitted, every control can be a negative; else in-sample by choice
+                rep = replicate_map(meta, X, null_size=null_size, seed=seed)
+            else:
+                rep = cross_fitted_replicate_map(
+                    design.with_design(raw_meta), raw_X,
+                    lambda spec=spec: _CrossFitRecipe(spec, names, raw_meta), fold_col=plan.deal_by,
+                    n_folds=n_folds, null_size=null_size, seed=seed)
+            scalars, tables = _retrieval_tables(meta, X, rep, null_size, seed, relationships)
+            scalars["crossfit_folds"] = float(n_folds)
+            if recipe == RAW_RECIPE:
+                scalars["features_skipped_non_finite"] = float((~finite).sum())
+            treated = ~is_negative(meta)
+            colour = meta[s.MOA].fill_null(meta[s.PERTURBATION]).to_numpy()
+            recipe_plots = {
+                f"{recipe}_map": embedding_map_png(
+                    X, {"perturbation / MoA": np.where(treated, colour, "negative control"),
+                        "plate": meta[s.PLATE].to_numpy()}, title=f"{fs.name} v{fs.version} ({recipe})"),
+                f"{recipe}_map_vs_p": map_vs_pvalue_png(rep)}
+        except Exception as exc:  # one failing recipe must not discard the other recipes' metrics
+            failed[recipe] = str(exc) if isinstance(exc, RecipeFitError) else failure(exc)
+            status.append((recipe, spec, "failed", stage, failed[recipe], how))
+            continue
+        status.append((recipe, spec, "ok", "evaluate", None, how or ("in-sample (raw: nothing fitted)")))
+        plots |= recipe_plots
         rows += [(recipe, k, float(v) if v is not None else float("nan")) for k, v in scalars.items()]
         for kind, df in tables.items():
             groups.append(df.select(
                 pl.lit(recipe).alias(s.RECIPE), pl.lit(kind).alias("kind"), pl.col(df.columns[0]).cast(pl.Utf8).alias("group"),
                 "mean_average_precision", "p_value", "corrected_p_value", "below_corrected_p"))
-        treated = ~is_negative(meta)
-        colour = meta[s.MOA].fill_null(meta[s.PERTURBATION]).to_numpy()
-        plots[f"{recipe}_map"] = embedding_map_png(
-            X, {"perturbation / MoA": np.where(treated, colour, "negative control"), "plate": meta[s.PLATE].to_numpy()},
-            title=f"{fs.name} v{fs.version} ({recipe})")
-        plots[f"{recipe}_map_vs_p"] = map_vs_pvalue_png(rep)
     ident = [pl.lit(fs.name).alias(s.ENCODER), pl.lit(fs.version).alias(s.ENCODER_VERSION)]
     metrics = pl.DataFrame(rows, schema=[s.RECIPE, "metric", "value"], orient="row").with_columns(ident)
-    group_df = pl.concat(groups).with_columns(ident)
+    group_df = (pl.concat(groups) if groups else pl.DataFrame(schema={
+        s.RECIPE: pl.Utf8, "kind": pl.Utf8, "group": pl.Utf8, "mean_average_precision": pl.Float64,
+        "p_value": pl.Float64, "corrected_p_value": pl.Float64, "below_corrected_p": pl.Boolean})).with_columns(ident)
+    status_df = pl.DataFrame(status, schema=[s.RECIPE, "recipe_steps", "status", "stage", "error", "crossfit"],
+                             orient="row").with_columns(ident)
     lake = Lake(home.lake)
     lake.write("metrics", metrics, encoder=fs.name, version=fs.version)
     lake.write("replicate_map", group_df, encoder=fs.name, version=fs.version)
-    return Evaluation(metrics, group_df, plots)
+    lake.write("recipe_status", status_df, encoder=fs.name, version=fs.version)
+    return Evaluation(metrics, group_df, plots, failed)
+
+
+def _evaluation_stamp(home: Home, fs: FeatureSet) -> Path:
+    return home.normalizers / f"encoder={s.validate_plate_name(fs.name)}" / f"version={fs.version}" / "evaluated.json"
+
+
+def _evaluation_inputs(home: Home, fs: FeatureSet, recipes: Mapping[str, str], **settings: object) -> str:
+    """What an evaluation of the feature set depends on: its well-profile files (name, size, mtime),
+    the recipes and the settings, as one digest."""
+    files = [(str(f.relative_to(home.lake)), f.stat().st_size, f.stat().st_mtime_ns)
+             for f in Lake(home.lake).files("well_profiles") if f"/encoder={fs.name}/version={fs.version}/" in f.as_posix()]
+    blob = json.dumps([files, sorted(recipes.items()), sorted((k, str(v)) for k, v in settings.items())])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def normalize_and_evaluate(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES,
+                           null_size: int = 10000, crossfit: CrossFit = "auto") -> Evaluation | None:
+    """`normalize_feature_set` then `evaluate_feature_set`, skipped (None) when neither the feature
+    set's profiles, nor the recipes, nor the settings changed since its last evaluation, so adding
+    one import to a home does not recompute every earlier one."""
+    digest = _evaluation_inputs(home, fs, recipes, null_size=null_size, crossfit=crossfit)
+    stamp = _evaluation_stamp(home, fs)
+    if stamp.exists() and json.loads(stamp.read_text()) == {"inputs": digest, "failed": {}}:
+        return None  # a failed recipe is retried on every run
+    normalize_feature_set(home, fs, recipes)
+    result = evaluate_feature_set(home, fs, recipes, null_size=null_size, crossfit=crossfit)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(stamp) as tmp:
+        tmp.write_text(json.dumps({"inputs": digest, "failed": result.failed}))
+    return result
 
 
 class _CrossFitRecipe:
-    """A fresh recipe in the (fit(X, batches, is_control), transform(X, batches)) shape crossfit uses."""
+    """A fresh recipe in the (fit(X, labels, is_control), transform(X, labels)) shape crossfit uses;
+    the plate and batch labels of the rows are bound here (the labels passed in are ignored)."""
 
-    def __init__(self, spec: str, names: list[str], perturbations: np.ndarray) -> None:
-        self.recipe, self.names, self.perturbations = Recipe.parse(spec), names, perturbations
+    def __init__(self, spec: str, names: list[str], meta: pl.DataFrame) -> None:
+        self.recipe, self.names = Recipe.parse(spec), names
+        self.plates, self.batches = meta[s.PLATE].to_numpy(), design.batches(meta)
+        self.perturbations = meta[s.PERTURBATION].to_numpy()
 
-    def fit(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray) -> _CrossFitRecipe:
-        self.recipe.fit(X, batches, is_control, feature_names=self.names, perturbations=self.perturbations)
+    def fit(self, X: np.ndarray, labels: np.ndarray, is_control: np.ndarray) -> _CrossFitRecipe:
+        self.recipe.fit(X, self.plates, is_control, feature_names=self.names, perturbations=self.perturbations,
+                        batches=self.batches)
         return self
 
-    def transform(self, X: np.ndarray, batches: np.ndarray) -> np.ndarray:
-        return self.recipe.transform(X, batches)
+    def transform(self, X: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return self.recipe.transform(X, self.plates, batches=self.batches)

@@ -9,9 +9,9 @@ import polars as pl
 
 from bioembed_assets import feature_sets, pipeline
 from bioembed_assets.sources.profile_table import (
+    ImportedFeatureSet,
     ProfileImportSpec,
     SavedImport,
-    check_feature_set_name,
     import_profiles,
     save_import,
     saved_imports,
@@ -39,7 +39,19 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
 
 def evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[str, dg.MetadataValue]:
     meta = {f"{prefix}metrics": dg.MetadataValue.md(markdown_table(result.metrics.select("recipe", "metric", "value")))}
+    if result.failed:
+        meta[f"{prefix}failed_recipes"] = dg.MetadataValue.md(markdown_table(pl.DataFrame(
+            {"recipe": list(result.failed), "error": list(result.failed.values())})))
     return meta | {f"{prefix}{plot}": png_markdown(png, plot) for plot, png in result.plots.items()}
+
+
+def raise_if_recipes_failed(failed: dict[str, str], metadata: dict) -> None:
+    """Fail the step after every other recipe's results were written (the run's status says some
+    failed; the `recipe_status` table keeps each error)."""
+    if failed:
+        lines = "; ".join(f"{k}: {v}" for k, v in failed.items())
+        raise dg.Failure(description=f"{len(failed)} recipe(s) failed, the others were stored: {lines}",
+                         metadata=metadata)
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, kinds={"zarr", "parquet"})
@@ -95,41 +107,82 @@ def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Mater
 
 class ProfileImportConfig(dg.Config):
     """An external well-level profile table to import as a feature set (see README: Bring your own
-    profiles). With `name` and `files` it is registered in the home; every registered import is
-    then (re)imported, so "Materialize all" needs no config and re-imports unchanged tables as no-ops."""
+    profiles). With `name` and `files` that import alone is run and, once it succeeded, registered in
+    the home (`feature_sets/<name>/import.json`; a failed one is not registered). Without config
+    every registered import is (re)imported, so "Materialize all" needs no config and re-imports
+    unchanged tables as no-ops."""
 
     name: str = ""
     files: list[str] = []
     plate_col: str = "Metadata_Plate"
     well_col: str = "Metadata_Well"
-    perturbation_cols: list[str] = ["Metadata_broad_sample"]
+    perturbation_cols: list[str] = []
+    """Empty: `compound_col` when given, else Metadata_broad_sample."""
     canonical_perturbation: bool = False
     negative: dict[str, list[str]] = {}
     positive: dict[str, list[str]] = {}
     moa_col: str | None = None
+    batch_col: str | None = None
+    """Stored as `batch` (e.g. Metadata_Batch_Number); unset or null: the plate."""
+    compound_col: str | None = None
+    """Stored as `compound` (a compound over its doses); unset or null: the perturbation."""
+    features: list[str] | None = None
+    """Feature columns: names and/or globs (e.g. ["Cells_*", "Nuclei_*"]); default every numeric non-metadata column."""
+    metadata_prefixes: list[str] = ["Metadata_"]
+    """Columns with these prefixes are metadata (kept as text, never features), e.g. add "Image_Metadata_"."""
+    metadata_cols: list[str] = []
+    """More metadata columns, named."""
+    metadata_files: list[str] = []
+    """Metadata tables (platemap, image table) joined to the profiles on `metadata_on`."""
+    metadata_on: list[str] = []
+    """Join keys: COL or PROFILE_COL=METADATA_COL."""
     non_numeric: Literal["error", "drop"] = "error"
     """Feature columns holding non-numbers: fail naming file, row and column, or drop them (counted)."""
     recipes: dict[str, str] = {"card": "card"}
 
 
+def _import_row(result: ImportedFeatureSet) -> tuple:
+    """One row of the imports table shown on the materialization."""
+    return (result.name, result.version, result.rows, len(result.plates), len(result.features),
+            result.dropped_features, len(result.dropped_non_numeric), "")
+
+
 @dg.asset(group_name=IMPORT, kinds={"parquet"})
 def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportConfig,
                       bioembed: BioembedHome) -> list[dict]:
-    """Well-level profiles from pycytominer/JUMP-style tables, stored as named, versioned feature sets."""
+    """Well-level profiles from pycytominer/JUMP/CellProfiler-style tables, stored as named, versioned
+    feature sets. A configured import is validated and imported before it is registered; without
+    config each registered import is re-run on its own, and the step fails at the end naming those
+    that failed (the others are imported)."""
     root = bioembed.home().root
+    done, rows, failed = [], [], {}
     if config.name or config.files:
+        if not (config.name and config.files):
+            raise ValueError("an import needs both `name` and `files`")
         spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes"}))
-        check_feature_set_name(root, spec.name)  # never register an import that would replace an encoder's rows
-        save_import(root, SavedImport(spec=spec, files=config.files, recipes=config.recipes))
-    done, rows = [], []
-    for saved in saved_imports(root):
-        result = import_profiles(root, saved.files, saved.spec)
-        done.append({"name": result.name, "version": result.version, "recipes": saved.recipes})
-        rows.append((result.name, result.version, result.rows, len(result.plates), len(result.features),
-                     result.dropped_features, len(result.dropped_non_numeric)))
+        new = SavedImport(spec=spec, files=config.files, recipes=config.recipes)
+        result = import_profiles(root, new.files, new.spec)  # every check runs before anything is written
+        save_import(root, new)  # registered only once it imported
+        done.append({"name": result.name, "version": result.version, "recipes": new.recipes})
+        rows.append(_import_row(result))
+    else:
+        for saved in saved_imports(root, errors=failed):
+            try:
+                result = import_profiles(root, saved.files, saved.spec)
+            except Exception as exc:  # one broken import (a file changed or gone) must not stop the others
+                failed[saved.spec.name] = f"{type(exc).__name__}: {exc}"
+                context.log.error(f"import {saved.spec.name!r} failed: {failed[saved.spec.name]}")
+                continue
+            done.append({"name": result.name, "version": result.version, "recipes": saved.recipes})
+            rows.append(_import_row(result))
+    rows += [(name, None, None, None, None, None, None, error) for name, error in sorted(failed.items())]
     table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features",
-                                       "dropped_not_shared", "dropped_non_numeric"], orient="row")
-    context.add_output_metadata({"imports": dg.MetadataValue.md(markdown_table(table))})
+                                       "dropped_not_shared", "dropped_non_numeric", "error"], orient="row")
+    metadata = {"imports": dg.MetadataValue.md(markdown_table(table))}
+    if failed:
+        raise dg.Failure(description=f"{len(failed)} registered import(s) failed (the others were imported): "
+                         + "; ".join(f"{name}: {error}" for name, error in sorted(failed.items())), metadata=metadata)
+    context.add_output_metadata(metadata)
     return done
 
 
@@ -139,12 +192,20 @@ def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: li
     """Each imported feature set normalized with its recipes and evaluated like any embedding."""
     home = bioembed.home()
     meta: dict[str, dg.MetadataValue] = {}
+    failed: dict[str, str] = {}
+    unchanged = []
     for imported in imported_profiles:
         fs = feature_sets.FeatureSetRef(imported["name"], imported["version"])
-        feature_sets.normalize_feature_set(home, fs, imported["recipes"])
-        result = feature_sets.evaluate_feature_set(home, fs, imported["recipes"], null_size=bioembed.null_size)
+        result = feature_sets.normalize_and_evaluate(home, fs, imported["recipes"], null_size=bioembed.null_size,
+                                                     crossfit=imported.get("crossfit", "auto"))
+        if result is None:  # profiles, recipes and settings as at its last evaluation: nothing to recompute
+            unchanged.append(f"{fs.name} v{fs.version}")
+            continue
         meta |= evaluation_metadata(result, f"{fs.name}_")
+        failed |= {f"{fs.name} v{fs.version} {recipe}": error for recipe, error in result.failed.items()}
+    meta["unchanged"] = dg.MetadataValue.text(", ".join(unchanged) or "none")
     build_catalog(home.catalog_path, home.lake)
+    raise_if_recipes_failed(failed, meta)
     return dg.MaterializeResult(metadata=meta)
 
 

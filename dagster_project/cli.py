@@ -128,11 +128,19 @@ def _import_profiles(args: argparse.Namespace) -> int:
     for r in args.recipe or ["card=card"]:
         name, sep, spec = r.partition("=")
         recipes[name] = spec if sep else name
+    def names(values: list[str] | None) -> list[str]:  # repeatable, comma-separated
+        return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+    if bool(args.metadata) != bool(args.on):
+        raise ValueError("--metadata FILE and --on COL[,COL] go together (the table to join and its key columns)")
     config = {"name": args.name, "files": [str(Path(f).resolve()) for f in args.files], "plate_col": args.plate_col,
-              "well_col": args.well_col, "perturbation_cols": args.perturbation.split(","),
+              "well_col": args.well_col, "perturbation_cols": names([args.perturbation] if args.perturbation else []),
               "canonical_perturbation": args.canonical_perturbation, "negative": _pairs(args.negative, "--negative"),
-              "positive": _pairs(args.positive, "--positive"), "moa_col": args.moa,
-              "non_numeric": args.non_numeric, "recipes": recipes}
+              "positive": _pairs(args.positive, "--positive"), "moa_col": args.moa, "batch_col": args.batch,
+              "compound_col": args.compound, "features": names(args.features) or None,
+              "metadata_prefixes": list(dict.fromkeys(["Metadata_", *args.metadata_prefix])),
+              "metadata_cols": names(args.metadata_cols), "metadata_files": [str(Path(f).resolve()) for f in args.metadata],
+              "metadata_on": names(args.on), "non_numeric": args.non_numeric, "recipes": recipes}
     home, imported = import_with_dagster(args.home, config, null_size=args.null_size)
     print(f"Imported feature set {imported['name']} v{imported['version']} into {home.lake}")
     print(_import_summary(load_manifest(home.root, imported["name"], imported["version"])))
@@ -171,7 +179,7 @@ def _train(args: argparse.Namespace) -> int:
                                resume=args.resume, progress=TqdmProgress())
     if not args.no_evaluate:
         challenger.evaluate_against_champion(home, registry, champion, outcome.version, run_config.recipes,
-                                             device=args.device, null_size=args.null_size)
+                                             device=args.device, null_size=args.null_size, crossfit=run_config.crossfit)
         print(challenger.compare_table(home, [("champion", champion), ("challenger", outcome.version)]))
         print(f"\nNext: uv run bioembed promote --home {home.root} --encoder {args.encoder}")
     return 0
@@ -235,11 +243,56 @@ def _wide_tables():
 
 
 def _sql(args: argparse.Namespace) -> int:
+    """Print a query's result: every row and column as a table (lists abbreviated), or CSV (`--csv`);
+    `--limit N` keeps the first N rows. A DuckDB error (bad SQL, unknown table) is one line on stderr."""
+    import shutil
+    import tempfile
+
+    import duckdb
+    import polars as pl
+
     from bioembed_assets.config import Home
     from bioembed_assets.store.catalog import connect
 
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit needs a number of rows >= 0, got {args.limit}")
     with connect(Home(root=Path(args.home).resolve()).catalog_path) as con:
-        print(con.sql(args.query))
+        try:
+            rel = con.sql(args.query)
+            if rel is None:  # a statement without a result (SET, PRAGMA ...)
+                return 0
+            if args.limit is not None:
+                rel = rel.limit(args.limit)
+            if args.csv:  # DuckDB writes every type (lists, structs, intervals) as CSV text
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "result.csv"
+                    rel.write_csv(str(path))
+                    with open(path, encoding="utf-8") as f:
+                        shutil.copyfileobj(f, sys.stdout)
+            else:
+                try:
+                    df = rel.pl()
+                except pl.exceptions.PolarsError:  # a type polars cannot hold (INTERVAL, UNION): print it as text
+                    quoted = ['"' + c.replace('"', '""') + '"' for c in rel.columns]
+                    df = rel.select(*[duckdb.ColumnExpression(q).cast(duckdb.sqltype("VARCHAR")).alias(c)
+                                      for q, c in zip(quoted, rel.columns)]).pl()
+                with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=65535, fmt_str_lengths=65535):
+                    print(df)
+        except duckdb.Error as exc:  # the message's first paragraph, without the SQL excerpt and caret
+            message = " ".join(line.strip() for line in str(exc).split("\n\n")[0].splitlines())
+            print(f"bioembed sql: {message}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Write a feature set's profiles (raw or one recipe's) as h5ad, parquet or csv."""
+    from bioembed_assets.export import load_export, write_export
+
+    data = load_export(args.home, args.feature_set, args.version, args.recipe)
+    path = write_export(data, args.format, args.out)
+    print(f"Wrote {path}: {data.X.shape[0]} wells x {data.X.shape[1]} features of feature set {data.name} "
+          f"v{data.version} ({data.recipe})")
     return 0
 
 
@@ -303,20 +356,39 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
     imp = sub.add_parser("import-profiles", help="import well-level profile tables (CSV/CSV.GZ/Parquet) as a "
                          "feature set, then normalize and evaluate it")
-    imp.add_argument("files", nargs="+", help="profile tables: Metadata_* columns + numeric feature columns")
+    imp.add_argument("files", nargs="+", help="profile tables: metadata columns (Metadata_*, --metadata-prefix, "
+                     "--metadata-cols) + numeric feature columns")
     imp.add_argument("--home", required=True, help="bioembed home folder (created if needed)")
     imp.add_argument("--name", required=True, help="feature-set name, e.g. lincs_cellprofiler; unique across "
                      "encoders and imports (an encoder's name, e.g. classical, is refused)")
     imp.add_argument("--plate-col", default="Metadata_Plate")
     imp.add_argument("--well-col", default="Metadata_Well")
-    imp.add_argument("--perturbation", default="Metadata_broad_sample",
-                     help="perturbation column(s), comma-separated (joined with ' @ ')")
+    imp.add_argument("--perturbation", default=None,
+                     help="perturbation column(s), comma-separated (joined with ' @ '); default: the --compound "
+                     "column, else Metadata_broad_sample")
     imp.add_argument("--canonical-perturbation", action="store_true",
                      help="match perturbation names case/punctuation-insensitively (U2-OS = U-2OS)")
     imp.add_argument("--negative", action="append", default=[], metavar="COL=VALUE[,VALUE]",
                      help="negative-control wells, e.g. Metadata_broad_sample=DMSO (repeatable)")
     imp.add_argument("--positive", action="append", default=[], metavar="COL=VALUE[,VALUE]")
     imp.add_argument("--moa", default=None, help="MoA column ('|' separates several MoAs)")
+    imp.add_argument("--batch", default=None, metavar="COL", help="batch column, stored as `batch` (e.g. "
+                     "Metadata_Batch_Number; default: each plate is its own batch)")
+    imp.add_argument("--compound", default=None, metavar="COL", help="compound column, stored as `compound` (one "
+                     "compound at several doses; default: the perturbation)")
+    imp.add_argument("--metadata", action="append", default=[], metavar="FILE",
+                     help="metadata table to join (CSV/TSV/Parquet, e.g. a platemap or image table; repeatable: "
+                     "stacked); each profile row must match exactly one of its rows; its columns are metadata")
+    imp.add_argument("--on", action="append", default=[], metavar="COL[,COL]",
+                     help="join keys for --metadata: COL (same name in both) or PROFILE_COL=METADATA_COL, "
+                     "comma-separated, e.g. Metadata_Plate_Map_Name=plate_map_name,Metadata_Well=well_position")
+    imp.add_argument("--metadata-prefix", action="append", default=[], metavar="PREFIX",
+                     help="more metadata column prefixes besides Metadata_, e.g. Image_Metadata_ (repeatable)")
+    imp.add_argument("--metadata-cols", action="append", default=[], metavar="COL[,COL]",
+                     help="more metadata columns, named (numeric ones too: never features)")
+    imp.add_argument("--features", action="append", default=[], metavar="PATTERNS",
+                     help="feature columns: names and/or globs, comma-separated, e.g. 'Cells_*,Nuclei_AreaShape_*' "
+                     "(default: every numeric non-metadata column)")
     imp.add_argument("--non-numeric", choices=["error", "drop"], default="error",
                      help="feature columns holding a non-number (e.g. one 'abc' cell): fail naming file, row and "
                      "column (default), or drop those columns (listed in the output and the manifest)")
@@ -324,10 +396,23 @@ def main(argv: list[str] | None = None) -> int:
                      help="normalization recipe to fit and evaluate (repeatable; default: card)")
     imp.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     imp.set_defaults(func=_import_profiles)
-    sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only)")
+    sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only); prints every row")
     sql.add_argument("query")
     sql.add_argument("--home", default="bioembed-home")
+    sql.add_argument("--limit", type=int, default=None, metavar="N", help="print only the first N rows")
+    sql.add_argument("--csv", action="store_true", help="print CSV (header + rows) instead of a table")
     sql.set_defaults(func=_sql)
+    export = sub.add_parser("export", help="write a feature set's profiles as AnnData (.h5ad) or a pycytominer-style "
+                            "wide table (Metadata_* + one column per feature; parquet or csv)")
+    export.add_argument("--home", required=True)
+    export.add_argument("--feature-set", required=True, help="an import's or an encoder's name, e.g. lincs or ca_mae")
+    export.add_argument("--version", default=None, help="feature-set version (default: the latest)")
+    export.add_argument("--recipe", default="raw", help="raw (the well profiles, default) or a fitted recipe, e.g. card")
+    export.add_argument("--format", choices=["h5ad", "parquet", "csv"], default=None,
+                        help="default: from the --out suffix, else parquet")
+    export.add_argument("--out", default=None, metavar="PATH",
+                        help="output file or folder (default: <set>_v<version>_<recipe>.<format> here)")
+    export.set_defaults(func=_export)
     args = parser.parse_args(argv)
     if getattr(args, "home", None):  # caches (matplotlib's font list) live in the home, not in $HOME
         from bioembed_assets.config import Home

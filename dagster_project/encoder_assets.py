@@ -144,7 +144,8 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
             raise LookupError(f"encoder {name!r} has no challenger; run with train: true")
         result = challenger_lib.evaluate_against_champion(
             home, registry, champion, version, run_config.recipes, device=bioembed.device,
-            batch_size=bioembed.batch_size, null_size=bioembed.null_size, log=context.log.info)
+            batch_size=bioembed.batch_size, null_size=bioembed.null_size, crossfit=run_config.crossfit,
+            log=context.log.info)
         decision = decide(home, registry, name, run_config.promotion, list(run_config.recipes))
         context.log.info(decision.summary())
         if config.promote and decision.promote:

@@ -23,6 +23,7 @@ from dagster_project.assets import (
     PROFILE,
     evaluation_metadata,
     platemap,
+    raise_if_recipes_failed,
 )
 from dagster_project.encoder_assets import build_encoder_assets, embeddings_key
 from dagster_project.partitions import plates
@@ -68,7 +69,13 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         for name in names:
             version = bioembed.champion(name)
             for recipe, spec in recipes.items():
-                summary = feature_sets.fit_normalizer(home, version, recipe, spec)
+                try:
+                    summary = feature_sets.fit_normalizer(home, version, recipe, spec)
+                except Exception as exc:  # recorded; the evaluation reports it and fails the run at the end
+                    feature_sets.discard_recipe(home, version, recipe, feature_sets.failure(exc))
+                    meta[f"{name}/{recipe}"] = f"v{version.version} FAILED: {feature_sets.failure(exc)}"
+                    context.log.error(f"{name} v{version.version} recipe {recipe!r} failed: {feature_sets.failure(exc)}")
+                    continue
                 meta[f"{name}/{recipe}"] = (f"v{version.version} {summary['steps']}: {summary['control_wells']} control "
                                             f"wells on {summary['plates']} plates, {summary['features_out']} features out")
         return dg.MaterializeResult(metadata=meta)
@@ -78,11 +85,17 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
     def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Each plate's well profiles through every fitted recipe (rows record recipe name and steps)."""
         home, recipes = bioembed.home(), bioembed.run_config().recipes
+        skipped = []
         for name in names:
+            version = bioembed.champion(name)
             for recipe in recipes:
-                feature_sets.normalize_plate(home, context.partition_key, bioembed.champion(name), recipe)
+                if feature_sets.fit_error(home, version, recipe) is not None:
+                    skipped.append(f"{name}/{recipe}")  # its fit failed: nothing to apply (see recipe_status)
+                    continue
+                feature_sets.normalize_plate(home, context.partition_key, version, recipe)
         build_catalog(home.catalog_path, home.lake)
-        return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes)})
+        return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes),
+                                              "skipped_failed_fits": ", ".join(skipped) or "none"})
 
     @dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"},
               automation_condition=refresh_when_upstream_updates(False))
@@ -92,16 +105,20 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         (version, recipe), linked to the version's logged model."""
         home, registry, recipes = bioembed.home(), bioembed.registry(), bioembed.run_config().recipes
         meta: dict[str, dg.MetadataValue | str | float] = {}
+        failed: dict[str, str] = {}
         for name in names:
             version = bioembed.champion(name)
-            result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=bioembed.null_size)
+            result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=bioembed.null_size,
+                                                       crossfit=bioembed.run_config().crossfit)
             registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
                                            for r in result.metrics.iter_rows(named=True)})
             plates_ = challenger_lib.evaluation_plates(home, version)
             challenger_lib.log_evaluation_runs(home, registry, version, result, recipes, plates_)
             meta |= evaluation_metadata(result, f"{name}_")
+            failed |= {f"{name} v{version.version} {recipe}": error for recipe, error in result.failed.items()}
         build_catalog(home.catalog_path, home.lake)
         meta["catalog"] = dg.MetadataValue.path(str(home.catalog_path))
+        raise_if_recipes_failed(failed, meta)
         return dg.MaterializeResult(metadata=meta)
 
     return [well_profiles, normalizer, normalized_profiles, evaluation]

@@ -44,6 +44,23 @@ CREATE OR REPLACE VIEW metrics AS SELECT * FROM lake_metrics;
 -- Per-perturbation (kind = 'replicate') and per-MoA (kind = 'moa') mAP with p-values.
 CREATE OR REPLACE VIEW replicate_map AS SELECT * FROM lake_replicate_map;
 
+-- Per feature set and recipe: ok or failed (stage and error), and how replicate mAP was cross-fitted.
+CREATE OR REPLACE VIEW recipe_status AS SELECT * FROM lake_recipe_status;
+
+-- Batch removal vs biology preservation, side by side per recipe (Arevalo et al. 2024's two axes):
+-- batch mixing of treated wells (batch ASW, kNN batch entropy; higher = better mixed) next to
+-- replicate / MoA retrieval and NSC / NSCB.
+CREATE OR REPLACE VIEW batch_vs_biology AS
+SELECT encoder, encoder_version, recipe,
+       max(value) FILTER (metric = 'batch_asw')          AS batch_asw,
+       max(value) FILTER (metric = 'batch_knn_entropy')  AS batch_knn_entropy,
+       max(value) FILTER (metric = 'batch_knn_accuracy') AS batch_knn_accuracy,
+       max(value) FILTER (metric = 'replicate_map')      AS replicate_map,
+       max(value) FILTER (metric = 'moa_map')            AS moa_map,
+       max(value) FILTER (metric = 'nsc_accuracy')       AS nsc,
+       max(value) FILTER (metric = 'nscb_accuracy')      AS nscb
+FROM lake_metrics GROUP BY ALL ORDER BY ALL;
+
 -- The k wells most similar (cosine) to one well, within one feature set.
 CREATE OR REPLACE MACRO similar_wells(q_plate, q_well, q_encoder, q_recipe, k) AS TABLE
 SELECT o.plate, o.well, o.perturbation, o.moa,

@@ -178,7 +178,7 @@ def _tvn_reference(X: np.ndarray, plates: np.ndarray, ctrl: np.ndarray, coral: b
 
 
 @pytest.mark.parametrize("spec,coral,by_batch,n_ctrl", [
-    ("tvn", True, False, 60), ("tvn(coral=false)", False, False, 60), ("tvn(by=batch,lam=2)", True, True, 60),
+    ("tvn", True, False, 60), ("tvn(coral=false)", False, False, 60), ("tvn(by=plate,lam=2)", True, True, 60),
     ("tvn", True, False, 10),  # fewer controls per plate than dimensions: CORAL from the Gram matrix
 ])
 def test_tvn_equals_plain_formula(spec: str, coral: bool, by_batch: bool, n_ctrl: int) -> None:

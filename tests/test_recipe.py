@@ -19,10 +19,10 @@ from tests.conftest import entries
 CANONICAL = {
     "card": "pca_centerscale(n_components=all)",
     "tvn": "tvn(by=global,n_components=all,coral=true,lam=0.5)",
-    "standardize": "standardize(on=controls,by=batch)",
-    "mad": "mad_robustize(on=controls,by=batch,epsilon=1e-18,zero_mad=error)",
+    "standardize": "standardize(on=controls,by=plate)",
+    "mad": "mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)",
     "jump": "feature_select(nan,variance,correlation,blocklist,on=all,na_cutoff=0.0,freq_cut=0.05,unique_cut=0.01,"
-            "corr_threshold=0.9,blocklist=[@default])|mad_robustize(on=controls,by=batch,epsilon=1e-18,zero_mad=error)"
+            "corr_threshold=0.9,blocklist=[@default])|mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)"
             "|sphere(method=zca-cor,on=controls,reg=auto,seed=0)",
 }
 
@@ -60,12 +60,12 @@ def test_presets_have_canonical_specs_that_round_trip(preset: str) -> None:
 
 def test_spec_is_canonical_whatever_the_spelling() -> None:
     variants = [
-        "mad_robustize(by=batch, on=controls)|sphere(reg=auto, method=zca-cor)",
+        "mad_robustize(by=plate, on=controls)|sphere(reg=auto, method=zca-cor)",
         " MAD_ROBUSTIZE ( on = controls , by = plate ) | sphere ( method = ZCA-COR , reg = AUTO , seed = 0 ) ",
         "mad|sphere(method=zca_cor,reg=auto)",  # a preset inside a step string, an alias of a value
     ]
     specs = {Recipe.parse(v).spec for v in variants}
-    assert specs == {"mad_robustize(on=controls,by=batch,epsilon=1e-18,zero_mad=error)"
+    assert specs == {"mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)"
                      "|sphere(method=zca-cor,on=controls,reg=auto,seed=0)"}
     fs = Recipe.parse("feature_select(correlation, blocklist, blocklist=[@default, 'Cells_X'], corr_threshold=0.8)")
     assert fs.spec == "feature_select(correlation,blocklist,on=all,corr_threshold=0.8,blocklist=[@default,Cells_X])"
@@ -78,7 +78,7 @@ def test_spec_is_canonical_whatever_the_spelling() -> None:
 @pytest.mark.parametrize("text,match", [
     ("spherize", r"unknown step 'spherize'; known steps: \['feature_select', 'mad_robustize', 'pca_centerscale', "
                  r"'sphere', 'standardize', 'tvn'\]; presets: \['card', 'jump', 'mad', 'standardize', 'tvn'\]"),
-    ("sphere(rg=1)", r"step 'sphere' has no option 'rg'; known options: \['method', 'on', 'reg', 'seed'\]"),
+    ("sphere(rg=1)", r"step 'sphere' has no option 'rg'; known options: \['by', 'method', 'on', 'reg', 'seed'\]"),
     ("sphere(method=zca-corr)", r"method='zca-corr' must be one of \['pca', 'zca', 'pca-cor', 'zca-cor'\]"),
     ("sphere(reg=-1)", r"sphere: option reg='-1' must be in \[0.0, inf\]"),
     ("sphere(reg=lots)", r"reg='lots' must be a number or one of \['auto'\]"),
@@ -127,11 +127,11 @@ def test_card_preset_is_pca_centerscale_bit_for_bit_including_unseen_batches() -
     model = PCACenterScale().fit(X[fit], plates[fit], ctrl[fit])
     assert np.array_equal(recipe.transform(X, plates, ctrl), model.transform(X, plates, ctrl))
     assert recipe.output_features == [f"PC{i}" for i in range(1, 13)]
-    with pytest.raises(ValueError, match=r"pca_centerscale: batch 'P3' was not seen in fit; pass is_control"):
+    with pytest.raises(ValueError, match=r"pca_centerscale: plate 'P3' was not seen in fit; pass is_control"):
         recipe.transform(X, plates)
 
 
-@pytest.mark.parametrize("spec", ["card", "tvn", "tvn(by=batch)", "tvn(coral=false)", "standardize", "mad",
+@pytest.mark.parametrize("spec", ["card", "tvn", "tvn(by=plate)", "tvn(coral=false)", "standardize", "mad",
                                   "standardize(on=all,by=global)", "sphere(method=pca-cor,on=all)",
                                   "feature_select(variance,correlation)|mad_robustize|sphere(method=zca,reg=0.01)",
                                   "jump"])
@@ -151,7 +151,7 @@ def test_save_load_round_trip_gives_identical_output(spec: str, tmp_path) -> Non
     np.load(tmp_path / "norm" / "arrays.npz", allow_pickle=False)  # plain arrays, no pickles
     info = json.loads((tmp_path / "norm" / "recipe.json").read_text())
     assert info["spec"] == recipe.spec and info["fit"] == {"n_rows": int(fit.sum()), "n_controls": int((ctrl & fit).sum()),
-                                                          "n_batches": 2}
+                                                          "n_plates": 2, "n_batches": 2}
 
 
 def test_transform_float32_from_float64_input_and_refit_is_fresh() -> None:
@@ -169,7 +169,7 @@ def test_per_batch_statistics_do_not_depend_on_row_order() -> None:
     """Rows grouped by plate (runs, broadcast) and shuffled (gathered) give the same numbers."""
     X, plates, ctrl, _ = _plates(4)
     perm = np.random.default_rng(0).permutation(X.shape[0])
-    for spec in ("standardize", "mad", "tvn(by=batch)", "card", "tvn"):
+    for spec in ("standardize", "mad", "tvn(by=plate)", "card", "tvn"):
         a = Recipe.parse(spec).fit(X, plates, ctrl).transform(X, plates)
         b = Recipe.parse(spec).fit(X[perm], plates[perm], ctrl[perm]).transform(X[perm], plates[perm])
         np.testing.assert_allclose(a[perm], b, atol=1e-5, rtol=1e-5)
@@ -185,7 +185,7 @@ def screen() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return X, meta["plate"].to_numpy(), (meta["control_type"] == "negative").to_numpy()
 
 
-@pytest.mark.parametrize("spec", ["card", "tvn", "tvn(by=batch)", "tvn(coral=false)"])
+@pytest.mark.parametrize("spec", ["card", "tvn", "tvn(by=plate)", "tvn(coral=false)"])
 def test_float32_rows_are_computed_in_float32_and_agree_with_float64(spec: str, screen) -> None:
     """float32 rows: float32 products, float64 statistics. The fitted statistics match the float64
     fit of the same numbers to float64 rounding; transformed rows to 1e-4 of each component's scale."""
@@ -270,14 +270,14 @@ def test_errors_name_the_batch_feature_or_shape() -> None:
     with pytest.raises(ValueError, match=r"sphere: 1 feature\(s\) are constant on the 120 fit rows: \['f4'\]"):
         Recipe.parse("sphere").fit(const, plates, ctrl, feature_names=names)
     const[plates == "P1", 4] = 0.0
-    with pytest.raises(ValueError, match=r"mad_robustize: 1 feature\(s\) have zero MAD on the control rows of batch 'P1': "
+    with pytest.raises(ValueError, match=r"mad_robustize: 1 feature\(s\) have zero MAD on the 40 control rows of plate 'P1': "
                                          r"\['f4'\]"):
         Recipe.parse("mad").fit(const, plates, ctrl, feature_names=names)
     kept = Recipe.parse("mad_robustize(zero_mad=keep)").fit(const, plates, ctrl).transform(X, plates)
     assert np.abs(kept[:, 4]).max() > 1e17  # pycytominer's behaviour: deviations divided by epsilon
     with pytest.raises(ValueError, match=r"X has 11 features, the recipe was fitted on 12"):
         Recipe.parse("standardize").fit(X, plates, ctrl).transform(X[:, 1:], plates)
-    with pytest.raises(ValueError, match=r"batches must have one entry per row \(300\), got shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"plates must have one entry per row \(300\), got shape \(5,\)"):
         Recipe.parse("standardize").fit(X, plates[:5], ctrl)
     with pytest.raises(ValueError, match=r"feature_names must be unique; repeated: \['a'\]"):
         Recipe.parse("standardize").fit(X, plates, ctrl, feature_names=["a"] * 12)

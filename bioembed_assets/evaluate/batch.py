@@ -88,3 +88,26 @@ def batch_effect_scores(
     group_codes = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
     out["batch_knn_accuracy"], out["batch_knn_entropy"] = _knn_batch_scores(Xn, codes, k, group_codes)
     return out
+
+
+def batch_asw(X: np.ndarray, batches: np.ndarray, labels: np.ndarray) -> float:
+    """Batch ASW as scib's `silhouette_batch` (Luecken et al. 2022; the batch-removal score of
+    Arevalo et al. 2024): within each biological label (e.g. the perturbation), the silhouette
+    s_i of the batch labels (euclidean, scib's default); per row 1 - |s_i|; the mean per label,
+    then over labels. Labels whose rows come from a single batch, or whose every row is its own
+    batch, are skipped, as in scib. 1 = batches fully mixed, 0 = separated; NaN if no label counts."""
+    from sklearn.metrics import silhouette_samples
+
+    X = np.asarray(X, dtype=np.float64)
+    batches, labels = np.asarray(batches).astype(str), np.asarray(labels).astype(str)
+    if X.ndim != 2 or batches.shape != (X.shape[0],) or labels.shape != (X.shape[0],):
+        raise ValueError(f"X must be 2-D with one batch and one label per row; got X {X.shape}, batches "
+                         f"{batches.shape}, labels {labels.shape}")
+    per_label = []
+    for lab in np.unique(labels):
+        rows = labels == lab
+        n_b = np.unique(batches[rows]).size
+        if n_b < 2 or n_b == rows.sum():
+            continue
+        per_label.append(float(np.mean(1.0 - np.abs(silhouette_samples(X[rows], batches[rows])))))
+    return float(np.mean(per_label)) if per_label else float("nan")

@@ -11,19 +11,39 @@ variance in a batch (std <= 1e-10 x the batch's largest component std, i.e. nume
 constant) get scale 1, as scikit-learn's StandardScaler does for constant features, so they are
 only centred instead of having rounding noise blown up to unit variance.
 
-Precision: computed in the precision of the input, as scikit-learn does. float32 rows are
-centred, projected (the 1M x d x k GEMM that dominates the cost) and scaled in float32, with
-the parameters rounded to float32 once; the statistics are float64 (column means, the scatter
-matrix accumulated from float64 blocks of the rows, per-batch means and stds of the projected
-controls), so the components equal those of a float64 fit of the same numbers. For float32 rows
-a component also counts as constant in a batch when its std is below the float32 rounding noise
-of the projection (~4 sqrt(d) eps32 of the norm of the batch's projected rows). Other inputs are
-computed in float64. Output is float32.
+Component choice (`ComponentChoice`, shared with `tvn`): the first k axes, k the smallest of
+`n_components` (default all, min(n_controls - 1, d)), the fewest components explaining more than
+`variance` of the control variance (default 1: no cut), and the number of control eigenvalues above
+`tol` x the largest (default `DEFAULT_TOL` = 1e-8, ~sqrt(float64 eps)). Step 2 gives every kept
+component unit variance, so a component that is rounding noise weighs as much as a real one in a
+cosine similarity: `tol` drops them. Why 1e-8: the axes come from a float64 eigendecomposition of
+the d x d scatter matrix, whose absolute error is ~eps64 x the largest eigenvalue, so an axis with
+eigenvalue lam is known to ~d eps64 lam_max / gap: at lam >= 1e-8 lam_max that is <= ~1e-6 of the
+axis for eigenvalue gaps of >= 10 %, and the component is also >= 1e4 times the rounding of float32-
+stored features (eps32 / sqrt(1e-8) ~ 1e-3 of its std), while below ~1e-13 lam_max an eigenvalue is
+pure rounding. On un-scaled features (PCA is not scale-invariant) the tolerance also drops
+directions that carry < 1e-8 of the variance: standardize first to keep small-scale features.
+The fit records the kept count and the reason (`n_components`, `selection`).
+
+Precision: the statistics are float64 whatever the input (column means, the scatter matrix
+accumulated from float64 blocks of the rows, per-batch means and stds of the projected controls),
+so float32 and float64 rows get the same axes. Rows are centred, projected (the 1M x d x k GEMM
+that dominates the cost) and scaled in float32 for float32 input, as scikit-learn does, when
+float32 resolves every kept component: the rounding of a float32 projection is ~eps32 x the norm
+of the centred row, i.e. relative to the std of component k (measured rms: <= 0.8 of)
+`float32_noise` = eps32 x sqrt(total control variance / lam_k); float32 is kept while that is
+<= `FLOAT32_NOISE_MAX` = 1e-4 (total / lam_k <= 7e5: eigenvalue spread or feature-scale spread that
+float32 resolves; the synthetic benchmark profiles have ~7e3), else float32 rows are centred,
+projected and scaled in float64 (`precision` in the fitted state). For float32 rows a component also
+counts as constant in a batch when its std is below the rounding noise of the projection
+(~4 sqrt(d) eps of the norm of the batch's projected rows, eps of the precision used). Other inputs
+are computed in float64. Output is float32.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,37 +161,147 @@ def _flip(vt: np.ndarray) -> np.ndarray:
     return vt
 
 
-def axes_from_scatter(S: np.ndarray, k: int) -> np.ndarray:
-    """The first k principal axes (k, d) from a float64 d x d scatter (or covariance) matrix."""
-    _, vecs = np.linalg.eigh(S)
-    return _flip(vecs[:, ::-1].T[:k].copy())
+Spectrum = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(eigenvalues of a scatter matrix S, descending, clipped at 0; principal axes, float64 rows; diag(S))."""
 
 
-def axes_from_rows(A: np.ndarray, k: int) -> np.ndarray:
-    """The first k principal axes (k, d) of centred float64 rows A (thin SVD)."""
-    return _flip(np.linalg.svd(A, full_matrices=False)[2][:k])
+def eig_scatter(S: np.ndarray) -> Spectrum:
+    """The `Spectrum` of a float64 d x d scatter (or covariance) matrix (d axes)."""
+    vals, vecs = np.linalg.eigh(S)
+    return np.clip(vals[::-1], 0.0, None), _flip(vecs[:, ::-1].T.copy()), np.diag(S).copy()
 
 
-def control_pca(C: np.ndarray, k: int, mean: np.ndarray | None = None) -> np.ndarray:
-    """The first k principal axes (k, d), float64, of the rows C centred by `mean` (None: C is centred).
+def eig_rows(A: np.ndarray) -> Spectrum:
+    """The `Spectrum` of A'A for centred float64 rows A (thin SVD; min(n, d) axes)."""
+    _, s, vt = np.linalg.svd(A, full_matrices=False)
+    return s**2, _flip(vt), np.einsum("ij,ij->j", A, A)
+
+
+def control_pca(C: np.ndarray, mean: np.ndarray | None = None) -> Spectrum:
+    """The `Spectrum` of the scatter matrix of the rows C centred by `mean` (None: C is centred).
 
     Uses the d x d scatter matrix (eigh; accumulated in float64 whatever C's precision) when C has
     at least 10 d rows, else a thin SVD in float64, as scikit-learn's `svd_solver="auto"` does;
     signs are made deterministic (as scikit-learn's svd_flip): the largest |loading| of each axis is positive.
     """
     if C.shape[0] >= 10 * C.shape[1]:
-        return axes_from_scatter(scatter64(C, mean), k)
+        return eig_scatter(scatter64(C, mean))
     A = np.asarray(C, dtype=np.float64)
-    return axes_from_rows(A if mean is None else A - mean, k)
+    return eig_rows(A if mean is None else A - mean)
+
+
+DEFAULT_TOL = 1e-8  # relative eigenvalue tolerance, ~sqrt(float64 eps): see the module docstring
+FLOAT32_NOISE_MAX = 1e-4  # largest float32 rounding noise (rms, relative to the smallest kept component's std) accepted
+_EPS32 = float(np.finfo(np.float32).eps)
+SELECTIONS = ("all", "n_components", "variance", "tol")
+
+
+def k_max_of(n_ctrl: int, d: int, what: str = "") -> int:
+    """min(n_controls - 1, d), the most components a control PCA has; raises for < 2 controls."""
+    if n_ctrl < 2:
+        raise ValueError(f"{what}need at least 2 control rows to fit the PCA, got {n_ctrl}")
+    return min(n_ctrl - 1, d)
+
+
+@dataclass(frozen=True)
+class ComponentChoice:
+    """Which principal components a control PCA keeps: the first k, k the smallest of `n_components`
+    (None: all, min(n_controls - 1, d)); with `variance` < 1, the fewest components explaining more
+    than that fraction of the control variance (as scikit-learn's `PCA(n_components=<fraction>)`);
+    with `tol` > 0, the number of eigenvalues > tol x the largest (0: no tolerance, every component)."""
+
+    n_components: int | None = None
+    variance: float = 1.0
+    tol: float = DEFAULT_TOL
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.variance <= 1.0:
+            raise ValueError(f"variance must be in (0, 1], got {self.variance}")
+        if not 0.0 <= self.tol < 1.0:
+            raise ValueError(f"tol must be in [0, 1), got {self.tol}")
+
+    def check(self, k_max: int, what: str = "") -> int:
+        """The requested count (k_max for all), checked against k_max = min(n_controls - 1, d)."""
+        k_req = k_max if self.n_components is None else int(self.n_components)
+        if not 1 <= k_req <= k_max:
+            raise ValueError(f"{what}n_components must be in [1, {k_max}] (min(n_controls - 1, n_features)), got {k_req}")
+        return k_req
+
+    def select(self, eigenvalues: np.ndarray, k_max: int, what: str = "") -> tuple[int, str]:
+        """(k, reason): the kept count and which bound set it (`SELECTIONS`: `all` = every one of the
+        k_max components), from the eigenvalues (descending; all of them: the variance total)."""
+        lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+        k_req = self.check(k_max, what)
+        if lam.size == 0 or lam[0] <= 0.0:
+            raise ValueError(f"{what}the control rows have no variance: no principal component to keep")
+        bounds = [("all" if self.n_components is None else "n_components", k_req)]
+        if self.variance < 1.0:
+            ratio = np.cumsum(lam) / lam.sum()
+            bounds.append(("variance", min(int(np.searchsorted(ratio, self.variance, side="right")) + 1, k_max)))
+        if self.tol > 0.0:
+            bounds.append(("tol", int(np.count_nonzero(lam[:k_max] > self.tol * lam[0]))))
+        k = min(v for _, v in bounds)
+        return k, next(r for r, v in bounds if v == k)
+
+
+def float32_noise(eigenvalues: np.ndarray, vt: np.ndarray, diag: np.ndarray) -> float:
+    """Rounding noise of a float32 projection on the axes vt (k, d), relative to each component's std,
+    the largest over the components (rms; an estimate from above: measured <= 0.5 of it):
+    eps32 sqrt(d v' diag(S) v / lam) for axis v with eigenvalue lam of the scatter S. Float32
+    centring, products and sums err by ~eps32 of each term (x_j - m_j) v_j, ~sqrt(d) of them
+    accumulate, and v' diag(S) v / lam (1 for an axis along one feature) is how much larger those
+    terms are than their sum: large for near-cancellations of larger features (near-collinear
+    features, the noise directions of un-scaled ones), the eigenvalue or feature-scale spread that
+    float32 cannot resolve."""
+    lam = np.asarray(eigenvalues[: vt.shape[0]], dtype=np.float64)
+    if (lam <= 0).any():
+        return float("inf")
+    through = (vt * vt) @ np.asarray(diag, dtype=np.float64)
+    return float(_EPS32 * np.sqrt(vt.shape[1] * (through / lam).max()))
+
+
+def pca_selection(spectrum: Spectrum, choice: ComponentChoice, k_max: int, n_rows: int,
+                  what: str = "") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(the kept axes (k, d), the first k_max control covariance eigenvalues (ddof 1), the record of
+    the choice: n_components, selection, explained_variance, float32_noise, precision) of a control PCA."""
+    eigenvalues, vt, diag = spectrum
+    k, reason = choice.select(eigenvalues, k_max, what)
+    lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+    noise = float32_noise(lam, vt[:k], diag)
+    info = {"n_components": k, "selection": reason, "explained_variance": float(lam[:k].sum() / lam.sum()),
+            "float32_noise": noise, "precision": "float32" if noise <= FLOAT32_NOISE_MAX else "float64"}
+    return vt[:k].copy(), lam[:k_max] / max(n_rows - 1, 1), info
+
+
+def rows_dtype(Z: np.ndarray, precision: str) -> type:
+    """Precision of the row-sized arithmetic on rows Z: float64, or float32 for float32 rows when
+    the fit found float32 precise enough (`precision` "float32")."""
+    return np.float64 if precision == "float64" else work_dtype(Z)
+
+
+def project_private(A: np.ndarray, mean: np.ndarray, vt: np.ndarray, precision: str) -> np.ndarray:
+    """(A - mean) @ vt' for a private copy A (overwritten), in `rows_dtype(A, precision)`; float32
+    rows projected in float64 go block by block (no float64 copy of A)."""
+    if rows_dtype(A, precision) == A.dtype:
+        return project_in_place(np.subtract(A, mean.astype(A.dtype), out=A), vt)
+    Y = np.empty((A.shape[0], vt.shape[0]))
+    vtt = vt.T
+    for lo in range(0, A.shape[0], _SCATTER_ROWS):
+        B = A[lo : lo + _SCATTER_ROWS].astype(np.float64)
+        B -= mean
+        np.matmul(B, vtt, out=Y[lo : lo + _SCATTER_ROWS])
+    return Y
 
 
 def project_scale(A: np.ndarray, mean: np.ndarray, components: np.ndarray, batch_mean: np.ndarray,
-                  batch_scale: np.ndarray, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+                  batch_scale: np.ndarray, codes: np.ndarray, out: np.ndarray | None = None,
+                  precision: str = "float32") -> np.ndarray:
     """The card transform of a chunk of rows A: ((A - mean) @ components' - batch mean) / batch scale,
-    `codes` indexing the batch tables. In A's precision (float32 rows: float32 centring, GEMM and
-    scaling with the float64 parameters rounded to float32; others: float64), centred before the
-    product (no cancellation). With `out` (float32, A's rows) the result is written there."""
-    wd = work_dtype(A)
+    `codes` indexing the batch tables. In `rows_dtype(A, precision)` (float32: float32 centring, GEMM
+    and scaling with the float64 parameters rounded to float32; float64: A converted exactly),
+    centred before the product (no cancellation). With `out` (float32, A's rows) the result is
+    written there."""
+    wd = rows_dtype(A, precision)
     Ac = np.subtract(A, cast_cached(mean, wd), dtype=wd)
     ct = cast_cached(components, wd, transpose=True)
     if out is not None and out.dtype == wd:
@@ -185,41 +315,68 @@ def project_scale(A: np.ndarray, mean: np.ndarray, components: np.ndarray, batch
     return Y
 
 
-def fit_pca_centerscale(
-    C: np.ndarray, starts: np.ndarray, counts: np.ndarray, labels: list[Any], k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+@dataclass
+class CardFit:
+    """The fitted card recipe: mean (d,), components (k, d), per-batch mean and scale (B, k), the
+    control covariance eigenvalues and the record of the component / precision choice (`pca_selection`)."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    batch_mean: np.ndarray
+    batch_scale: np.ndarray
+    eigenvalues: np.ndarray
+    info: dict[str, Any]
+
+
+def fit_pca_centerscale(C: np.ndarray, starts: np.ndarray, counts: np.ndarray, labels: list[Any],
+                        choice: ComponentChoice, what: str = "") -> CardFit:
     """The card recipe on control rows C (a private copy, float32 or float64, overwritten), batch b
-    being rows starts[b]:starts[b] + counts[b] (every label): (mean, components (k, d), per-batch
-    mean (B, k), per-batch scale (B, k)), all float64.
+    being rows starts[b]:starts[b] + counts[b] (every label); all parameters float64.
 
     Mean and scatter matrix are accumulated in float64; the controls are then centred and projected
-    in C's precision as `project_scale` does it, so the batch statistics describe the numbers
-    `transform` produces (each batch's controls come out with mean 0, std 1)."""
+    as `project_scale` does it (in the chosen precision), so the batch statistics describe the
+    numbers `transform` produces (each batch's controls come out with mean 0, std 1)."""
+    n, d = C.shape
+    k_max = k_max_of(n, d, what)
     mean = C.mean(axis=0, dtype=np.float64)
     if C.dtype == np.float64:
         C -= mean
-        vt = control_pca(C, k)
+        spectrum = control_pca(C)
     else:
-        vt = control_pca(C, k, mean)
-        C -= mean.astype(C.dtype)
-    Y = project_in_place(C, vt)
-    batch_mean, batch_scale = _block_scalers(Y, starts, counts, labels, C.shape[1])
-    return mean, vt, batch_mean, batch_scale
+        spectrum = control_pca(C, mean)
+    vt, eigenvalues, info = pca_selection(spectrum, choice, k_max, n, what)
+    if C.dtype == np.float64:
+        Y = project_in_place(C, vt)
+    else:
+        Y = project_private(C, mean, vt, info["precision"])
+    batch_mean, batch_scale = _block_scalers(Y, starts, counts, labels, d)
+    return CardFit(mean, vt, batch_mean, batch_scale, eigenvalues, info)
 
 
 class PCACenterScale:
-    """PCA on pooled controls, then per-batch standardisation on each batch's controls."""
+    """PCA on pooled controls, then per-batch standardisation on each batch's controls.
 
-    def __init__(self, n_components: int | None = None, recipe: str = "card") -> None:
+    Component choice as `ComponentChoice` (`n_components` None: all; `variance`; `tol`); after `fit`,
+    `n_components` is the kept count, `selection_` the bound that set it and `precision_` the
+    precision of float32 rows' arithmetic (module docstring)."""
+
+    def __init__(self, n_components: int | None = None, recipe: str = "card", variance: float = 1.0,
+                 tol: float = DEFAULT_TOL) -> None:
         if recipe != "card":
             raise ValueError(f"unknown recipe {recipe!r}; only 'card' (OpenPhenom model card) is implemented")
+        ComponentChoice(n_components, variance, tol)  # validates
         self.recipe = recipe
         self.n_components = n_components
+        self.variance, self.tol = float(variance), float(tol)
         self.mean_: np.ndarray | None = None  # (d,)
         self.components_: np.ndarray | None = None  # (k, d)
         self.batches_: list[Any] = []
         self.batch_mean_: np.ndarray | None = None  # (B, k)
         self.batch_scale_: np.ndarray | None = None  # (B, k)
+        self.eigenvalues_: np.ndarray | None = None  # (min(n_ctrl - 1, d),) control covariance eigenvalues
+        self.selection_: str | None = None
+        self.precision_ = "float32"
+        self.pca_info_: dict[str, Any] = {}
 
     def fit(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray) -> PCACenterScale:
         """Fit PCA on control rows of all batches, then one scaler per batch on its control rows.
@@ -232,22 +389,20 @@ class PCACenterScale:
         ctrl = np.asarray(is_control, dtype=bool)
         if ctrl.shape != (X.shape[0],):
             raise ValueError(f"is_control must have one flag per row ({X.shape[0]}), got shape {ctrl.shape}")
-        n_ctrl, d = int(ctrl.sum()), X.shape[1]
-        if n_ctrl < 2:
-            raise ValueError(f"need at least 2 control rows to fit the PCA, got {n_ctrl}")
-        k_max = min(n_ctrl - 1, d)
-        k = k_max if self.n_components is None else int(self.n_components)
-        if not 1 <= k <= k_max:
-            raise ValueError(f"n_components must be in [1, {k_max}] (min(n_controls - 1, n_features)), got {k}")
+        choice = ComponentChoice(self.n_components, self.variance, self.tol)
+        choice.check(k_max_of(int(ctrl.sum()), X.shape[1]))
         labels, codes = _codes(batches, X.shape[0])
         rows = np.flatnonzero(ctrl)
         order, starts, counts = contiguous_groups(codes[rows], len(labels))
         _check_counts(counts, labels)
         C = _rows(X, rows if order is None else rows[order])  # controls grouped by batch
-        self.mean_, self.components_, self.batch_mean_, self.batch_scale_ = fit_pca_centerscale(
-            C, starts, counts, labels, k)
+        fit = fit_pca_centerscale(C, starts, counts, labels, choice)
+        self.mean_, self.components_, self.batch_mean_, self.batch_scale_ = (
+            fit.mean, fit.components, fit.batch_mean, fit.batch_scale)
+        self.eigenvalues_, self.pca_info_ = fit.eigenvalues, fit.info
+        self.selection_, self.precision_ = fit.info["selection"], fit.info["precision"]
         self.batches_ = labels
-        self.n_components = k
+        self.n_components = fit.info["n_components"]
         return self
 
     def transform(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray | None = None) -> np.ndarray:
@@ -255,8 +410,8 @@ class PCACenterScale:
 
         Batches not seen in `fit` get a scaler fitted on their own control rows (`is_control`
         is required then); a batch with fewer than 2 control rows raises ValueError.
-        Rows are processed in chunks (temporaries stay bounded), in the precision of X: float32
-        rows are centred, projected and scaled in float32 (statistics were fitted in float64).
+        Rows are processed in chunks (temporaries stay bounded), in the precision of X (float32
+        rows: float32 when the fit found it precise enough, `precision_`; statistics are float64).
         """
         if self.components_ is None or self.mean_ is None:
             raise RuntimeError("PCACenterScale is not fitted")
@@ -280,8 +435,7 @@ class PCACenterScale:
             remap = np.full(len(labels), -1)
             remap[new] = np.arange(new.size)
             rows = np.flatnonzero(ctrl & (remap[codes] >= 0))
-            A = _rows(X, rows)
-            Y = project_in_place(np.subtract(A, self.mean_.astype(A.dtype), out=A), self.components_)
+            Y = project_private(_rows(X, rows), self.mean_, self.components_, self.precision_)
             m, s = _batch_scalers(Y, remap[codes[rows]], new.size, [labels[i] for i in new], X.shape[1])
             mean[new], scale[new] = m, s
         out = empty_touched((X.shape[0], k), np.float32)
@@ -290,7 +444,7 @@ class PCACenterScale:
             sl = slice(lo, lo + step)
             A = X[sl]
             _check_finite_rows(A, lo)
-            project_scale(A, self.mean_, self.components_, mean, scale, codes[sl], out=out[sl])
+            project_scale(A, self.mean_, self.components_, mean, scale, codes[sl], out=out[sl], precision=self.precision_)
         return out
 
     def fit_transform(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray) -> np.ndarray:
@@ -302,17 +456,26 @@ class PCACenterScale:
             raise RuntimeError("PCACenterScale is not fitted")
         arrays = {"mean": self.mean_, "components": self.components_, "batch_mean": self.batch_mean_,
                   "batch_scale": self.batch_scale_}
-        info = {"recipe": self.recipe, "n_components": self.n_components, "batches": self.batches_}
+        if self.eigenvalues_ is not None:
+            arrays["eigenvalues"] = self.eigenvalues_
+        info = {"recipe": self.recipe, "n_components": self.n_components, "batches": self.batches_,
+                "variance": self.variance, "tol": self.tol, "pca": self.pca_info_}
         return write_arrays_and_json(path, _NPZ, arrays, _JSON, info)
 
     @classmethod
     def load(cls, path: str | Path) -> PCACenterScale:
-        """Read a folder written by `save`."""
+        """Read a folder written by `save` (written before `variance`/`tol` existed: no tolerance,
+        input precision, as then)."""
         path = Path(path)
         info = json.loads((path / _JSON).read_text())
-        obj = cls(n_components=int(info["n_components"]), recipe=info["recipe"])
+        obj = cls(n_components=int(info["n_components"]), recipe=info["recipe"], variance=info.get("variance", 1.0),
+                  tol=info.get("tol", 0.0))
         with np.load(path / _NPZ) as z:
             obj.mean_, obj.components_ = z["mean"], z["components"]
             obj.batch_mean_, obj.batch_scale_ = z["batch_mean"], z["batch_scale"]
+            obj.eigenvalues_ = z["eigenvalues"] if "eigenvalues" in z.files else None
         obj.batches_ = list(info["batches"])
+        obj.pca_info_ = dict(info.get("pca", {}))
+        obj.selection_ = obj.pca_info_.get("selection")
+        obj.precision_ = obj.pca_info_.get("precision", "float32")
         return obj

@@ -8,9 +8,12 @@ Grammar (whitespace is ignored; names are case-insensitive, feature names are no
             | NAME "=" value            # an option
     value  := WORD | "[" [WORD ("," WORD)*] "]"   # WORD: letters, digits, _ . + - @ : / or '...'
 
-e.g. ``feature_select(nan,variance,correlation)|mad_robustize(on=controls,by=batch)|sphere(method=zca-cor,reg=auto)``.
-A preset name (`card`, `tvn`, `jump`, `standardize`, `mad`) is a whole recipe and may also stand for
-its steps inside a step string. `Recipe.spec` is the canonical form: every step with all of its
+e.g. ``feature_select(nan,variance,correlation)|mad_robustize(on=controls,by=plate)|sphere(method=zca-cor,reg=auto)``.
+Per-batch steps keep their statistics per plate (`by=plate`) or per batch (`by=batch`: the batch
+column, e.g. the week; the plate where no batch is given).
+A preset name (`card`, `tvn`, `jump`, `jump_harmony`, `standardize`, `mad`) is a whole recipe and may
+also stand for its steps inside a step string (`jump_harmony`: the JUMP compound recipe's
+var → mad → int → featselect → harmony). `Recipe.spec` is the canonical form: every step with all of its
 relevant options written out in a fixed order, so equal recipes have equal specs; it is what is
 recorded with normalized rows.
 
@@ -30,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from bioembed_assets.profiles.harmony import Harmony
+from bioembed_assets.profiles.rank_int import InverseNormal
 from bioembed_assets.profiles.scaling import MadRobustize, Standardize
 from bioembed_assets.profiles.selection import FeatureSelect
 from bioembed_assets.profiles.sphering import Sphere, tuning_split
@@ -38,14 +43,16 @@ from bioembed_assets.profiles.tvn import TVN, PCACenterScaleStep
 from bioembed_assets.store.atomic import write_arrays_and_json
 
 STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (FeatureSelect, Standardize, MadRobustize, PCACenterScaleStep, TVN,
-                                                            Sphere)}
+                                                            Sphere, InverseNormal, Harmony)}
 PRESETS: dict[str, str] = {
     "card": "pca_centerscale",
     "tvn": "tvn",
-    "jump": "feature_select(nan,variance,correlation,blocklist)|mad_robustize(on=controls,by=batch)"
+    "jump": "feature_select(nan,variance,correlation,blocklist)|mad_robustize(on=controls,by=plate)"
             "|sphere(method=zca-cor,on=controls,reg=auto)",
-    "standardize": "standardize(on=controls,by=batch)",
-    "mad": "mad_robustize(on=controls,by=batch)",
+    "standardize": "standardize(on=controls,by=plate)",
+    "mad": "mad_robustize(on=controls,by=plate)",
+    "jump_harmony": "feature_select(nan,variance,on=controls)|mad_robustize(on=controls,by=plate)|inverse_normal"
+                    "|feature_select(correlation,blocklist)|harmony(by=batch)",
 }
 _JSON, _NPZ, _FORMAT = "recipe.json", "arrays.npz", 1
 _TOKEN = re.compile(r"\s*(?:(?P<word>[A-Za-z0-9_.+\-@:/]+)|'(?P<q1>[^']*)'|\"(?P<q2>[^\"]*)\"|(?P<punct>[()\[\],=|]))")
@@ -179,18 +186,32 @@ def _per_row(values: Any, n: int, what: str) -> np.ndarray:
     return arr
 
 
-def _batch_codes(batches: Any, n: int) -> tuple[list[str], np.ndarray]:
-    arr = _per_row(batches, n, "batches")
+def _batch_codes(batches: Any, n: int, what: str = "batches") -> tuple[list[str], np.ndarray]:
+    arr = _per_row(batches, n, what)
     labels, codes = label_codes(arr.astype(str), n)
     return labels.tolist(), codes.astype(np.int64, copy=False)
 
 
+Groupings = tuple[dict[str, list[str]], dict[str, np.ndarray]]
+"""(labels, row codes) of the call's groupings, "plate" and "batch" (see `Step.grouping`)."""
+
+
+def _groupings(plates: Any, batches: Any | None, n: int) -> Groupings:
+    """Plate and batch labels/codes of a call; without batches every plate is its own batch."""
+    p_labels, p_codes = _batch_codes(plates, n, "plates")
+    if batches is None:
+        return {"plate": p_labels, "batch": p_labels}, {"plate": p_codes, "batch": p_codes}
+    b_labels, b_codes = _batch_codes(batches, n, "batches")
+    return {"plate": p_labels, "batch": b_labels}, {"plate": p_codes, "batch": b_codes}
+
+
 Plan = list[tuple[Step, np.ndarray, dict[str, np.ndarray]]]
-"""Steps of one fit/transform call: (step, table row of each call-level batch code, per-batch tables)."""
+"""Steps of one fit/transform call: (step, table row of each call-level code of the step's grouping,
+per-batch tables)."""
 
 
-def _run(plan: Plan, X: np.ndarray, rows: np.ndarray | None, codes: np.ndarray, check_at: int, check_names: list[str],
-         out_dtype: type | None = None) -> np.ndarray:
+def _run(plan: Plan, X: np.ndarray, rows: np.ndarray | None, codes: dict[str, np.ndarray], check_at: int,
+         check_names: list[str], out_dtype: type | None = None) -> np.ndarray:
     """Rows `rows` (None: all) of X through the planned steps, chunk by chunk, stacked; before step
     `check_at` (== len(plan): after the last) each chunk is checked for NaN/inf. With an empty plan
     X itself (or X[rows]) is returned, checked when `check_at` is 0."""
@@ -208,16 +229,17 @@ def _run(plan: Plan, X: np.ndarray, rows: np.ndarray | None, codes: np.ndarray, 
     for lo in range(0, max(n, 1), step):
         hi = min(lo + step, n)
         idx = slice(lo, hi) if rows is None else rows[lo:hi]
-        Z, c = X[idx], codes[idx]
+        Z = X[idx]
+        c = {g: v[idx] for g, v in codes.items()}
         ids: np.ndarray | int = lo if rows is None else rows[lo:hi]
         dest = None if out is None else out[lo:hi]
         for j, (s, lut, tables) in enumerate(plan):
             if j == check_at:
                 check_finite(Z, ids, check_names)
             if j == last and into and dest is not None:
-                Z = s.apply(Z, lut[c], tables, out=dest)
+                Z = s.apply(Z, lut[c[s.grouping]], tables, out=dest)
             else:
-                Z = s.apply(Z, lut[c], tables)
+                Z = s.apply(Z, lut[c[s.grouping]], tables)
         if len(plan) == check_at:
             check_finite(Z, ids, check_names)
         if out is None:
@@ -289,13 +311,15 @@ class Recipe:
 
     # ---------------------------------------------------------------------------------------- fit
 
-    def fit(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray, feature_names: list[str] | None = None,
-            perturbations: np.ndarray | None = None) -> Recipe:
-        """Fit every step in order. `is_control` flags the negative-control rows; `perturbations`
-        (one label per row) is needed only by `sphere(reg=auto)`. Returns self."""
+    def fit(self, X: np.ndarray, plates: np.ndarray, is_control: np.ndarray, feature_names: list[str] | None = None,
+            perturbations: np.ndarray | None = None, batches: np.ndarray | None = None) -> Recipe:
+        """Fit every step in order. `plates` and `batches` (e.g. weeks; default: the plates) label
+        each row; per-batch steps keep tables per plate or per batch (`Step.grouping`). `is_control`
+        flags the negative-control rows; `perturbations` (one label per row) is needed only by
+        `sphere(reg=auto)`. Returns self."""
         X = _check_matrix(X)
         n, d = X.shape
-        labels, codes = _batch_codes(batches, n)
+        labels, codes = _groupings(plates, batches, n)
         ctrl = _per_row(is_control, n, "is_control").astype(bool)
         names = [f"feature_{j}" for j in range(d)] if feature_names is None else [str(f) for f in feature_names]
         if len(names) != d:
@@ -307,11 +331,12 @@ class Recipe:
         self.steps = [s.fresh() for s in self.steps]
         self.in_features_ = names
         self._fit_steps(X, codes, labels, ctrl, pert)
-        self.fit_info_ = {"n_rows": n, "n_controls": int(ctrl.sum()), "n_batches": len(labels)}
+        self.fit_info_ = {"n_rows": n, "n_controls": int(ctrl.sum()), "n_plates": len(labels["plate"]),
+                          "n_batches": len(labels["batch"])}
         return self
 
-    def _fit_steps(self, X: np.ndarray, codes: np.ndarray, labels: list[str], ctrl: np.ndarray, pert: np.ndarray | None,
-                   upto: int | None = None) -> None:
+    def _fit_steps(self, X: np.ndarray, codes: dict[str, np.ndarray], labels: dict[str, list[str]], ctrl: np.ndarray,
+                   pert: np.ndarray | None, upto: int | None = None) -> None:
         """Fit steps[:upto] (all by default) in order, each on its fit rows after the previous ones."""
         for i, step in enumerate(self.steps[:upto]):
             if step.fitted:  # reused from the full fit (see _tune)
@@ -320,24 +345,27 @@ class Recipe:
                 self._tune(i, X, codes, labels, ctrl, pert)
             rows = step.fit_rows(ctrl)
             idx = np.arange(X.shape[0]) if rows is None else rows
-            Z = self._through_fitted(i, X, rows, codes, len(labels))
-            step.fit(FitData(Z, codes[idx], labels, ctrl[idx], self._features_before(i), idx,
+            Z = self._through_fitted(i, X, rows, codes, labels)
+            g = step.grouping
+            step.fit(FitData(Z, codes[g][idx], labels[g], ctrl[idx], self._features_before(i), idx,
                              None if pert is None else pert[idx], owned=not np.may_share_memory(Z, X)))
 
-    def _through_fitted(self, i: int, X: np.ndarray, rows: np.ndarray | None, codes: np.ndarray, n_labels: int) -> np.ndarray:
+    def _through_fitted(self, i: int, X: np.ndarray, rows: np.ndarray | None, codes: dict[str, np.ndarray],
+                        labels: dict[str, list[str]]) -> np.ndarray:
         """Rows of X through steps[:i], fitted in the current fit call (their tables cover every
         label of the call, in order), checked for NaN/inf before the first numeric step."""
-        ident = np.arange(n_labels)
-        plan = [(s, ident if s.per_batch else np.zeros(n_labels, dtype=np.int64), s.stored_tables()) for s in self.steps[:i]]
+        plan = [(s, np.arange(len(labels[s.grouping])) if s.per_batch else np.zeros(len(labels[s.grouping]), dtype=np.int64),
+                 s.stored_tables()) for s in self.steps[:i]]
         first = self._first_numeric()
         return _run(plan, X, rows, codes, first, self._features_before(min(first, i)))
 
-    def _tune(self, i: int, X: np.ndarray, codes: np.ndarray, labels: list[str], ctrl: np.ndarray,
+    def _tune(self, i: int, X: np.ndarray, codes: dict[str, np.ndarray], labels: dict[str, list[str]], ctrl: np.ndarray,
               pert: np.ndarray | None) -> None:
-        """Tune step i on half of each batch's controls (steps[:i] refitted on that half), scoring
+        """Tune step i on half of each plate's controls (steps[:i] refitted on that half), scoring
         against the other half."""
         step = self.steps[i]
-        fit_ctrl, eval_rows = tuning_split(codes, len(labels), labels, ctrl, pert, step.opts["seed"], step.name)
+        fit_ctrl, eval_rows = tuning_split(codes["plate"], len(labels["plate"]), labels["plate"], ctrl, pert,
+                                           step.opts["seed"], step.name)
         assert pert is not None
         # steps fitted on all rows (none before them on controls) do not depend on the split: reuse them
         shared = 0
@@ -351,32 +379,35 @@ class Recipe:
             train_rows = np.flatnonzero(~(ctrl & ~fit_ctrl))
         names = half._features_before(i)
         data = []
+        g = step.grouping
         for rows in (train_rows, eval_rows):
-            Z = half._through_fitted(i, X, rows, codes, len(labels))
-            data.append(FitData(Z, codes[rows], labels, ctrl[rows], names, rows, pert[rows]))
+            Z = half._through_fitted(i, X, rows, codes, labels)
+            data.append(FitData(Z, codes[g][rows], labels[g], ctrl[rows], names, rows, pert[rows]))
         step.tune(*data)
 
     # ---------------------------------------------------------------------------------------- transform
 
-    def transform(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray | None = None) -> np.ndarray:
-        """Normalize every row (float32 output). Batches not seen in `fit` get per-batch
-        statistics from their own fit rows (`is_control` is required then)."""
+    def transform(self, X: np.ndarray, plates: np.ndarray, is_control: np.ndarray | None = None,
+                  batches: np.ndarray | None = None) -> np.ndarray:
+        """Normalize every row (float32 output). Plates (batches) not seen in `fit` get per-plate
+        (per-batch) statistics from their own fit rows (`is_control` is required then)."""
         self._require_fitted()
         X = _check_matrix(X)
         n, d = X.shape
         if d != len(self.in_features_):
             raise ValueError(f"X has {d} features, the recipe was fitted on {len(self.in_features_)}")
-        labels, codes = _batch_codes(batches, n)
+        labels, codes = _groupings(plates, batches, n)
         ctrl = None if is_control is None else _per_row(is_control, n, "is_control").astype(bool)
         first_numeric = self._first_numeric()
         check_names = self._features_before(first_numeric)
         plan: list[tuple[Step, np.ndarray, dict[str, np.ndarray]]] = []
         for step in self.steps:
+            names = labels[step.grouping]
             if not step.per_batch:
-                plan.append((step, np.zeros(len(labels), dtype=np.int64), {}))
+                plan.append((step, np.zeros(len(names), dtype=np.int64), {}))
                 continue
             known = {b: j for j, b in enumerate(step.batches_)}
-            lut = np.array([known.get(b, -1) for b in labels], dtype=np.int64)
+            lut = np.array([known.get(b, -1) for b in names], dtype=np.int64)
             tables = step.stored_tables()
             if (lut < 0).any():
                 lut, tables = self._extend(step, plan, lut, tables, labels, codes, X, ctrl, first_numeric, check_names)
@@ -384,13 +415,15 @@ class Recipe:
         return _run(plan, X, None, codes, first_numeric, check_names, out_dtype=np.float32)
 
     def _extend(self, step: Step, plan: list[tuple[Step, np.ndarray, dict[str, np.ndarray]]], lut: np.ndarray,
-                tables: dict[str, np.ndarray], labels: list[str], codes: np.ndarray, X: np.ndarray,
-                ctrl: np.ndarray | None, first_numeric: int, check_names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Per-batch tables for batches first seen here, fitted on their own fit rows."""
+                tables: dict[str, np.ndarray], all_labels: dict[str, list[str]], all_codes: dict[str, np.ndarray],
+                X: np.ndarray, ctrl: np.ndarray | None, first_numeric: int,
+                check_names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per-batch tables for plates/batches first seen here, fitted on their own fit rows."""
+        labels, codes = all_labels[step.grouping], all_codes[step.grouping]
         new = np.flatnonzero(lut < 0)
         if ctrl is None:
-            raise ValueError(f"{step.name}: batch {labels[new[0]]!r} was not seen in fit; pass is_control to fit its "
-                             "statistics on its own control rows")
+            raise ValueError(f"{step.name}: {step.grouping} {labels[new[0]]!r} was not seen in fit; pass is_control to "
+                             "fit its statistics on its own control rows")
         remap = np.full(len(labels), -1)
         remap[new] = np.arange(new.size)
         member = remap[codes] >= 0
@@ -398,7 +431,7 @@ class Recipe:
         if fit_rows is not None:
             member &= np.isin(np.arange(codes.size), fit_rows, assume_unique=True)
         rows = np.flatnonzero(member)
-        Z = _run(plan, X, rows, codes, first_numeric, check_names)
+        Z = _run(plan, X, rows, all_codes, first_numeric, check_names)
         new_labels = [labels[j] for j in new]
         extra = step.batch_tables(FitData(Z, remap[codes[rows]], new_labels, ctrl[rows],
                                           self._features_before(len(plan)), rows))
@@ -407,9 +440,11 @@ class Recipe:
         lut[new] = base + np.arange(new.size)
         return lut, {k: np.concatenate([tables[k], extra[k]]) for k in tables}
 
-    def fit_transform(self, X: np.ndarray, batches: np.ndarray, is_control: np.ndarray,
-                      feature_names: list[str] | None = None, perturbations: np.ndarray | None = None) -> np.ndarray:
-        return self.fit(X, batches, is_control, feature_names, perturbations).transform(X, batches, is_control)
+    def fit_transform(self, X: np.ndarray, plates: np.ndarray, is_control: np.ndarray,
+                      feature_names: list[str] | None = None, perturbations: np.ndarray | None = None,
+                      batches: np.ndarray | None = None) -> np.ndarray:
+        return self.fit(X, plates, is_control, feature_names, perturbations, batches).transform(
+            X, plates, is_control, batches)
 
     # ---------------------------------------------------------------------------------------- persistence
 

@@ -1,8 +1,8 @@
 """Location/scale steps: `standardize` (mean, population std) and `mad_robustize` (median, scaled MAD).
 
 Both are fitted on the negative controls (`on=controls`, default) or on every row (`on=all`), per
-batch (`by=batch`: one location/scale per batch label passed to `fit`, i.e. per plate in the
-pipeline; `by=plate` is accepted as a synonym) or once for all rows (`by=global`).
+plate (`by=plate`, default), per batch (`by=batch`: the batch column, e.g. the week, pooling the
+controls of its plates; the plate where no batch is given) or once for all rows (`by=global`).
 
 - standardize: (x - mean) / std with std the population (ddof 0) standard deviation, as
   scikit-learn's StandardScaler and pycytominer `normalize(method="standardize")`. A feature that
@@ -32,8 +32,8 @@ from bioembed_assets.profiles.steps import (
 )
 
 _ON = choice_opt("on", ("controls", "all"), "controls", help="rows the statistics are computed on")
-_BY = choice_opt("by", ("batch", "global"), "batch", aliases={"plate": "batch", "none": "global"},
-                 help="one location/scale per batch, or one for all rows")
+_BY = choice_opt("by", ("plate", "batch", "global"), "plate", aliases={"none": "global"},
+                 help="one location/scale per plate, per batch (pooled controls of its plates), or one for all rows")
 _MAD_SCALE = 1.4826  # normal-consistent MAD (pycytominer passes scale=1/1.4826 to scipy's median_abs_deviation)
 
 
@@ -44,7 +44,7 @@ class _LocationScale(Step):
 
     @property
     def per_batch(self) -> bool:
-        return self.opts["by"] == "batch"
+        return self.opts["by"] != "global"
 
     def _what(self) -> str:
         return "control rows" if self.opts["on"] == "controls" else "rows"
@@ -120,7 +120,9 @@ class MadRobustize(_LocationScale):
             g = int(np.flatnonzero((mad == 0).any(axis=1))[0])
             bad = [features[j] for j in np.flatnonzero(mad[g] == 0)]
             shown = bad[:5] + (["..."] if len(bad) > 5 else [])
-            raise ValueError(f"mad_robustize: {len(bad)} feature(s) have zero MAD on the {self._what()} of batch "
-                             f"{labels[g]!r}: {shown}; drop them first (feature_select(variance)) or use zero_mad=keep "
-                             f"(divides by epsilon={self.opts['epsilon']!r}, as pycytominer)")
+            pooled = "" if self.opts["by"] == "batch" else "by=batch (pooling the controls of a batch's plates), "
+            raise ValueError(f"mad_robustize: {len(bad)} feature(s) have zero MAD on the {int(groups.counts[g])} "
+                             f"{self._what()} of {self.grouping if self.per_batch else 'the fit'} {labels[g]!r}: "
+                             f"{shown}; with few controls use {pooled}on=all, or zero_mad=keep (divides by "
+                             f"epsilon={self.opts['epsilon']!r}, as pycytominer)")
         return med, mad + self.opts["epsilon"]

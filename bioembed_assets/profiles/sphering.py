@@ -36,7 +36,16 @@ import numpy as np
 import polars as pl
 
 from bioembed_assets.evaluate.retrieval import replicate_map
-from bioembed_assets.profiles.steps import FitData, Step, as_float64, choice_opt, constant_mask, float_opt, int_opt
+from bioembed_assets.profiles.steps import (
+    FitData,
+    Step,
+    as_float64,
+    choice_opt,
+    constant_mask,
+    float_opt,
+    grouped_rows,
+    int_opt,
+)
 
 REG_GRID = tuple(float(v) for v in np.logspace(-5, 3, 25))
 METHODS = ("pca", "zca", "pca-cor", "zca-cor")
@@ -101,12 +110,14 @@ def _signs(vecs: np.ndarray) -> np.ndarray:
 def score_regularizations(P: np.ndarray, vals: np.ndarray, perturbation: np.ndarray, negative: np.ndarray,
                           grid: tuple[float, ...] = REG_GRID, seed: int = 0) -> list[dict[str, float]]:
     """Mean replicate mAP (vs the `negative` rows) of PCA-whitened eval rows P (in the eigenbasis)
-    for each relative regularization in `grid`."""
+    for each relative regularization in `grid`; `vals`: the eigenvalues (d,), or those of each
+    row's group (n, d) for per-batch whitening."""
     meta = pl.DataFrame({"perturbation": np.where(negative, "__negative_control__", perturbation),
                          "control_type": np.where(negative, "negative", "treatment")})
     scores = []
+    mean_val = vals.mean(axis=-1, keepdims=True)
     for reg in grid:
-        Y = P / np.sqrt(vals + reg * vals.mean())
+        Y = P / np.sqrt(vals + reg * mean_val)
         res = replicate_map(meta, Y, pert_col="perturbation", control_col="control_type",
                             null_size=SCORE_NULL_SIZE, seed=seed)
         m = res["mean_average_precision"].to_numpy()
@@ -156,13 +167,20 @@ class Sphere(Step):
         choice_opt("method", METHODS, "zca-cor", aliases={"zca_cor": "zca-cor", "pca_cor": "pca-cor"},
                    help="pca / zca whitening of the covariance, or of the correlation (-cor) matrix"),
         choice_opt("on", ("controls", "all"), "controls", help="rows the whitening is fitted on"),
+        choice_opt("by", ("global", "plate", "batch"), "global", aliases={"none": "global"},
+                   help="one whitening for all rows, or one per plate / per batch (each on its own fit rows)"),
         float_opt("reg", 0.0, lo=0.0, special=("auto",), help="added to eigenvalues, relative to their mean; auto = tuned"),
         int_opt("seed", 0, lo=0, help="reg=auto: seed of the control split and the scored subsample"),
     )
     summary = "PCA/ZCA(-cor) whitening via the d x d covariance, regularized eigenvalues, reg=auto by held-out mAP"
 
     def relevant_options(self) -> list[str]:
-        return ["method", "on", "reg"] + (["seed"] if self.opts["reg"] == "auto" else [])
+        by = ["by"] if self.opts["by"] != "global" else []  # specs written before `by` existed stay the same
+        return ["method", "on", *by, "reg"] + (["seed"] if self.opts["reg"] == "auto" else [])
+
+    @property
+    def per_batch(self) -> bool:
+        return self.opts["by"] != "global"
 
     def check_given(self, given: set[str]) -> None:
         if "seed" in given and self.opts["reg"] != "auto":
@@ -176,13 +194,35 @@ class Sphere(Step):
     def cor(self) -> bool:
         return self.opts["method"].endswith("-cor")
 
+    def _groups(self, data: FitData) -> list[tuple[int, np.ndarray]]:
+        """(table row, row indices) of each group of `data` (one group, row 0, when global)."""
+        if not self.per_batch:
+            return [(0, np.arange(data.n))]
+        return [(g, np.flatnonzero(data.batch == g)) for g in range(len(data.labels))]
+
+    def _check_groups(self, data: FitData) -> None:
+        few = [g for g, rows in self._groups(data) if rows.size < 2]
+        if few:
+            g = few[0]
+            raise ValueError(f"sphere(by={self.opts['by']}): {self.grouping} {data.labels[g]!r} has "
+                             f"{int((data.batch == g).sum())} fit rows; at least 2 are needed")
+
     def tune(self, train: FitData, evaluation: FitData) -> None:
         """Choose `reg` among REG_GRID: fit on `train`, score replicate mAP on `evaluation`
-        (its control rows are the negatives and must not be in `train`)."""
-        mean, scale, cov = moments(train.X, self.cor, train.features)
-        vals, vecs = eigen(cov, train.n, "auto", train.features)
-        P = ((as_float64(evaluation.X) - mean) / scale) @ vecs
-        scores = score_regularizations(P, vals, evaluation.perturbation, evaluation.control, seed=self.opts["seed"])
+        (its control rows are the negatives and must not be in `train`); per batch with `by`."""
+        self._check_groups(train)
+        P = np.empty(evaluation.X.shape)
+        vals_of = np.empty(evaluation.X.shape)
+        eval_groups = dict(self._groups(evaluation))
+        for g, rows in self._groups(train):
+            mean, scale, cov = moments(train.X[rows], self.cor, train.features)
+            vals, vecs = eigen(cov, rows.size, "auto", train.features)
+            at = eval_groups.get(g, np.arange(0))
+            P[at] = ((as_float64(evaluation.X[at]) - mean) / scale) @ vecs
+            vals_of[at] = vals
+        if not self.per_batch:
+            vals_of = vals_of[0] if evaluation.n else vals_of
+        scores = score_regularizations(P, vals_of, evaluation.perturbation, evaluation.control, seed=self.opts["seed"])
         best = max(range(len(scores)), key=lambda i: (np.nan_to_num(scores[i]["mean_map"], nan=-1.0), scores[i]["reg"]))
         self.reg_ = scores[best]["reg"]
         self.reg_scores_ = scores
@@ -191,26 +231,46 @@ class Sphere(Step):
     def fit(self, data: FitData) -> None:
         if self.needs_tuning and getattr(self, "reg_", None) is None:
             raise RuntimeError("sphere(reg=auto) must be tuned before fit (Recipe.fit does it)")
-        reg = self.reg_ if self.needs_tuning else self.opts["reg"]
-        mean, scale, cov = moments(data.X, self.cor, data.features)
-        vals, vecs = eigen(cov, data.n, reg, data.features)
-        vecs = vecs * _signs(vecs)
-        inv = 1.0 / np.sqrt(vals + reg * vals.mean())
-        W = vecs * inv
-        if self.opts["method"].startswith("zca"):
-            W = W @ vecs.T
-        self.mean_, self.scale_, self.W_, self.eigenvalues_ = mean, scale, W, vals
-        self._Ws = None
-        self.reg_ = float(reg)
-        self.n_fit_ = data.n
+        self.reg_ = float(self.reg_ if self.needs_tuning else self.opts["reg"])
         self.in_features_ = list(data.features)
+        self.batches_ = list(data.labels) if self.per_batch else []
+        tables = self.batch_tables(data)
+        self.mean_, self.scale_, self.W_, self.eigenvalues_ = (tables[k] for k in ("mean", "scale", "W", "eigenvalues"))
+        if not self.per_batch:
+            self.mean_, self.scale_, self.W_, self.eigenvalues_ = self.mean_[0], self.scale_[0], self.W_[0], self.eigenvalues_[0]
+        self._Ws = None
+        self.n_fit_ = data.n
         self.fitted = True
+
+    def batch_tables(self, data: FitData) -> dict[str, np.ndarray]:
+        """Mean, scale, whitening matrix and eigenvalues of each group's fit rows (stacked)."""
+        self._check_groups(data)
+        parts = []
+        for _, rows in self._groups(data):
+            mean, scale, cov = moments(data.X[rows], self.cor, data.features)
+            vals, vecs = eigen(cov, rows.size, self.reg_, data.features)
+            vecs = vecs * _signs(vecs)
+            W = vecs * (1.0 / np.sqrt(vals + self.reg_ * vals.mean()))
+            if self.opts["method"].startswith("zca"):
+                W = W @ vecs.T
+            parts.append((mean, scale, W, vals))
+        return {k: np.stack([p[j] for p in parts]) for j, k in enumerate(("mean", "scale", "W", "eigenvalues"))}
+
+    def stored_tables(self) -> dict[str, np.ndarray]:
+        if not self.per_batch:
+            return {}
+        return {"mean": self.mean_, "scale": self.scale_, "W": self.W_, "eigenvalues": self.eigenvalues_}
 
     def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray]) -> np.ndarray:
         # ((Z - mean) / scale) @ W, the scaling folded into the matrix
-        if getattr(self, "_Ws", None) is None:
-            self._Ws = self.W_ / self.scale_[:, None]
-        return np.subtract(Z, self.mean_, dtype=np.float64) @ self._Ws
+        if not self.per_batch:
+            if getattr(self, "_Ws", None) is None:
+                self._Ws = self.W_ / self.scale_[:, None]
+            return np.subtract(Z, self.mean_, dtype=np.float64) @ self._Ws
+        Y = np.empty((Z.shape[0], tables["W"].shape[2]))
+        for t, rows in grouped_rows(tidx):
+            Y[rows] = np.subtract(Z[rows], tables["mean"][t], dtype=np.float64) @ (tables["W"][t] / tables["scale"][t][:, None])
+        return Y
 
     def output_features(self, features: list[str]) -> list[str]:
         if self.opts["method"].startswith("pca"):
@@ -218,12 +278,13 @@ class Sphere(Step):
         return list(features)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        params = {"in_features": self.in_features_, "reg": self.reg_, "n_fit_rows": self.n_fit_,
+        params = {"in_features": self.in_features_, "batches": self.batches_, "reg": self.reg_, "n_fit_rows": self.n_fit_,
                   "reg_scores": getattr(self, "reg_scores_", None), "tuning": getattr(self, "tuning_", None)}
         return params, {"mean": self.mean_, "scale": self.scale_, "W": self.W_, "eigenvalues": self.eigenvalues_}
 
     def load_state(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.in_features_, self.reg_, self.n_fit_ = list(params["in_features"]), float(params["reg"]), params["n_fit_rows"]
+        self.batches_ = list(params.get("batches", []))
         if params.get("reg_scores") is not None:
             self.reg_scores_, self.tuning_ = params["reg_scores"], params["tuning"]
         self.mean_, self.scale_, self.W_, self.eigenvalues_ = arrays["mean"], arrays["scale"], arrays["W"], arrays["eigenvalues"]

@@ -123,8 +123,9 @@ def list_opt(name: str, default: tuple[str, ...], help: str = "") -> Opt:
 class FitData:
     """The rows a step is fitted on, already transformed by the preceding steps.
 
-    `batch` holds codes into `labels` (all batches of the fit call, including batches without
-    any of these rows, so per-batch steps can name a batch that has too few of them).
+    `batch` holds codes into `labels`: the labels of the step's grouping (`Step.grouping`: plates or
+    batches) of the whole fit call, including groups without any of these rows, so per-batch
+    steps can name a group that has too few of them.
     """
 
     X: np.ndarray
@@ -205,6 +206,12 @@ class Step:
     @property
     def per_batch(self) -> bool:
         return False
+
+    @property
+    def grouping(self) -> str:
+        """The labels a per-batch step keeps its tables by: "plate" or "batch" (the batch column,
+        e.g. the week), from the step's `by` option; "plate" when it has none."""
+        return "batch" if self.opts.get("by") == "batch" else "plate"
 
     def fit_rows(self, control: np.ndarray) -> np.ndarray | None:
         """Rows (indices) this step is fitted on, given the control flags; None = all rows."""

@@ -5,7 +5,8 @@
   its code).
 - tvn (Typical Variation Normalization, as EFAAR `tvn_on_controls`):
   1. centre/scale on the controls (mean, population std; `by=global` as EFAAR, or per batch);
-  2. PCA fitted on the controls (all components by default, i.e. min(n_controls - 1, d));
+  2. PCA fitted on the controls (all components by default, i.e. min(n_controls - 1, d), less
+     those with eigenvalue <= tol x the largest);
   3. centre/scale on the controls again (same `by`);
   4. with `coral=true`, per batch b: X_b <- X_b (cov(controls_b) + lam I)^(-1/2), cov with
      ddof 1 (CORAL whitening; no re-centring afterwards, as EFAAR). The inverse square root
@@ -15,13 +16,24 @@
   In `transform` stages 1-3 are one affine map per batch, composed with the batch's CORAL matrix
   when the batch has more rows than components (one GEMM per row instead of two).
 
-Precision (both steps): float32 rows are centred, projected and scaled in float32 (the row-sized
-GEMMs, as scikit-learn does for float32 input); the statistics are float64: means and stds of
-float32 values, the PCA scatter matrix (from float64 blocks of the rows, so the components equal
-those of a float64 fit of the same numbers). Only the per-batch CORAL matrices (small Gram
-products and ~300 x 300 eigendecompositions, the bulk of tvn's fit) are computed and kept in
-float32 for float32 rows; transformed rows then differ from the float64 path's by ~1e-5 of each
-component's scale at most (tests: < 1e-4). float64 rows take the float64 path throughout.
+Component choice (both steps; `normalize.ComponentChoice`): `n_components=<int>|all` (at most),
+`variance=<fraction>` (the fewest components explaining more than it; default 1, no cut) and
+`tol=<float>` (drop eigenvalues <= tol x the largest; default 1e-8 ~ sqrt(float64 eps): below it an
+axis of the float64 scatter eigendecomposition is no longer accurate to ~1e-6, and its component,
+scaled to unit variance, would weigh as much as a real one). Specs print `variance` and `tol` only
+when not at their defaults. The fitted state records the kept count and the bound that set it
+(`pca`: n_components, selection, explained_variance, float32_noise, precision) and the eigenvalues.
+
+Precision (both steps): the statistics are float64: means and stds of float32 values, the PCA
+scatter matrix (from float64 blocks of the rows, so the components equal those of a float64 fit of
+the same numbers). float32 rows are centred, projected and scaled in float32 (the row-sized GEMMs,
+as scikit-learn does for float32 input) when the fit finds float32 resolves the smallest kept
+component (`normalize.float32_noise` <= 1e-4: eps32 x sqrt(total / smallest kept eigenvalue) of
+the PCA's input, i.e. its eigenvalue spread; well-scaled embeddings have ~1e-5), else in float64
+(`precision` "float64"), CORAL included. On the float32 path only the per-batch CORAL matrices
+(small Gram products and ~300 x 300 eigendecompositions, the bulk of tvn's fit) are computed and
+kept in float32; transformed rows then differ from the float64 path's by ~1e-5 of each component's
+scale at most (tests: < 1e-4). float64 rows take the float64 path throughout.
 """
 
 from __future__ import annotations
@@ -37,12 +49,18 @@ from threadpoolctl import threadpool_limits
 
 from bioembed_assets.profiles.normalize import (
     _SCATTER_ROWS,
+    DEFAULT_TOL,
+    ComponentChoice,
+    Spectrum,
     _batch_scalers,
-    axes_from_rows,
-    axes_from_scatter,
+    eig_rows,
+    eig_scatter,
     fit_pca_centerscale,
+    k_max_of,
+    pca_selection,
     project_in_place,
     project_scale,
+    rows_dtype,
 )
 from bioembed_assets.profiles.steps import (
     FitData,
@@ -63,15 +81,39 @@ from bioembed_assets.profiles.steps import (
     work_dtype,
 )
 
+PCA_OPTIONS = (
+    int_opt("n_components", "all", special=("all",), help="PCA components kept at most (all = min(n_ctrl - 1, d))"),
+    float_opt("variance", 1.0, lo=0.0, hi=1.0, lo_open=True,
+              help="keep the fewest components explaining more than this fraction of control variance (1 = no cut)"),
+    float_opt("tol", DEFAULT_TOL, lo=0.0, hi=1.0,
+              help="drop components with eigenvalue <= tol x the largest (rounding noise; 0 = keep all)"),
+)
 
-def _n_components(opt: int | str, n_ctrl: int, d: int, step: str) -> int:
-    if n_ctrl < 2:
-        raise ValueError(f"{step}: need at least 2 control rows to fit the PCA, got {n_ctrl}")
-    k_max = min(n_ctrl - 1, d)
-    k = k_max if opt == "all" else int(opt)
-    if not 1 <= k <= k_max:
-        raise ValueError(f"{step}: n_components must be in [1, {k_max}] (min(n_controls - 1, n_features)), got {k}")
-    return k
+
+def _pca_relevant(opts: dict[str, Any]) -> list[str]:
+    """The component-choice options of a spec, in this order: n_components always; variance and tol
+    when not at their defaults (so specs written before they existed read the same)."""
+    return ["n_components"] + [o.name for o in PCA_OPTIONS[1:] if opts[o.name] != o.default]
+
+
+def _choice(opts: dict[str, Any], step: str) -> ComponentChoice:
+    try:
+        return ComponentChoice(None if opts["n_components"] == "all" else int(opts["n_components"]),
+                               float(opts["variance"]), float(opts["tol"]))
+    except ValueError as e:
+        raise ValueError(f"{step}: {e}") from None
+
+
+def _pca_params(info: dict[str, Any], eigenvalues: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The fitted component / precision record as state params and arrays."""
+    return {"pca": info}, ({} if eigenvalues is None else {"eigenvalues": eigenvalues})
+
+
+def _load_pca(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], str, np.ndarray | None]:
+    """(record, precision, eigenvalues) from a saved state; states saved before the record existed
+    computed float32 rows in float32."""
+    info = dict(params.get("pca", {}))
+    return info, info.get("precision", "float32"), arrays.get("eigenvalues")
 
 
 def _pc_names(k: int) -> list[str]:
@@ -79,27 +121,39 @@ def _pc_names(k: int) -> list[str]:
 
 
 class PCACenterScaleStep(Step):
-    """The card recipe as a step (the `card` preset)."""
+    """The card recipe as a step (the `card` preset); component choice and precision as
+    `PCACenterScale` (`normalize.py`), recorded in the fitted state (`pca`)."""
 
     name = "pca_centerscale"
-    options = (int_opt("n_components", "all", special=("all",), help="PCA components kept (all = min(n_ctrl - 1, d))"),)
+    options = PCA_OPTIONS
+    precision_ = "float32"
     summary = "OpenPhenom card: PCA on pooled controls, then per-batch StandardScaler on each batch's controls"
     writes_out = True  # apply(..., out=) fills the recipe's output rows directly
+
+    def relevant_options(self) -> list[str]:
+        return _pca_relevant(self.opts)
+
+    def check_options(self) -> None:
+        _choice(self.opts, self.name)
 
     @property
     def per_batch(self) -> bool:
         return True
 
     def fit(self, data: FitData) -> None:
-        k = _n_components(self.opts["n_components"], data.n, data.X.shape[1], self.name)
+        what = f"{self.name}: "
+        choice = _choice(self.opts, self.name)
+        choice.check(k_max_of(data.n, data.X.shape[1], what), what)
         C, starts, counts, _ = _private_grouped(data, len(data.labels))  # as PCACenterScale.fit
-        self.mean_, self.components_, self.batch_mean_, self.batch_scale_ = fit_pca_centerscale(
-            C, starts, counts, data.labels, k)
+        fit = fit_pca_centerscale(C, starts, counts, data.labels, choice, what)
+        self.mean_, self.components_, self.batch_mean_, self.batch_scale_ = (
+            fit.mean, fit.components, fit.batch_mean, fit.batch_scale)
+        self.eigenvalues_, self.pca_info_, self.precision_ = fit.eigenvalues, fit.info, fit.info["precision"]
         self.in_features_, self.batches_ = list(data.features), list(data.labels)
         self.fitted = True
 
     def batch_tables(self, data: FitData) -> dict[str, np.ndarray]:
-        wd = work_dtype(data.X)
+        wd = rows_dtype(data.X, self.precision_)
         Y = project_in_place(np.subtract(data.X, self.mean_.astype(wd), dtype=wd), self.components_)
         m, s = _batch_scalers(Y, data.batch, len(data.labels), data.labels, data.X.shape[1])
         return {"batch_mean": m, "batch_scale": s}
@@ -110,20 +164,23 @@ class PCACenterScaleStep(Step):
     def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray],
               out: np.ndarray | None = None) -> np.ndarray:
         # the same function as PCACenterScale.transform: identical numbers
-        return project_scale(Z, self.mean_, self.components_, tables["batch_mean"], tables["batch_scale"], tidx, out)
+        return project_scale(Z, self.mean_, self.components_, tables["batch_mean"], tables["batch_scale"], tidx, out,
+                             self.precision_)
 
     def output_features(self, features: list[str]) -> list[str]:
         return _pc_names(self.components_.shape[0])
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return ({"batches": self.batches_, "in_features": self.in_features_},
+        pca, eig = _pca_params(self.pca_info_, self.eigenvalues_)
+        return ({"batches": self.batches_, "in_features": self.in_features_} | pca,
                 {"mean": self.mean_, "components": self.components_, "batch_mean": self.batch_mean_,
-                 "batch_scale": self.batch_scale_})
+                 "batch_scale": self.batch_scale_} | eig)
 
     def load_state(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.batches_, self.in_features_ = list(params["batches"]), list(params["in_features"])
         self.mean_, self.components_ = arrays["mean"], arrays["components"]
         self.batch_mean_, self.batch_scale_ = arrays["batch_mean"], arrays["batch_scale"]
+        self.pca_info_, self.precision_, self.eigenvalues_ = _load_pca(params, arrays)
         self.fitted = True
 
 
@@ -209,11 +266,12 @@ def _eigh(S: np.ndarray, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarra
     return w, A.T  # Fortran columns = eigenvectors
 
 
-def _stage1_pca(Z: np.ndarray, t: np.ndarray, mu1: np.ndarray, sd1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pmean, components) of TVN stage 2: the PCA of the stage-1 rows (Z - mu1[t]) / sd1[t] (one
-    table row: global), computed from float64 values of those rows, block by block, whatever Z's
-    precision: float32 rows get the float64 fit's PCA. The stage-1 rows are centred on these very
-    rows, so their mean is zero up to rounding and the one-pass scatter S - n pmean pmean' is exact."""
+def _stage1_pca(Z: np.ndarray, t: np.ndarray, mu1: np.ndarray, sd1: np.ndarray) -> tuple[np.ndarray, Spectrum]:
+    """(pmean, `Spectrum` of the scatter matrix) of TVN stage 2: the PCA of the stage-1 rows
+    (Z - mu1[t]) / sd1[t] (one table row: global), computed from float64 values of those rows, block
+    by block, whatever Z's precision: float32 rows get the float64 fit's PCA. The stage-1 rows are
+    centred on these very rows, so their mean is zero up to rounding and the one-pass scatter
+    S - n pmean pmean' is exact."""
     n, d = Z.shape
 
     def block(lo: int, hi: int) -> np.ndarray:
@@ -229,7 +287,7 @@ def _stage1_pca(Z: np.ndarray, t: np.ndarray, mu1: np.ndarray, sd1: np.ndarray, 
     if n < 10 * d:  # few rows: thin SVD, as control_pca
         A = block(0, n)
         pmean = A.mean(axis=0)
-        return pmean, axes_from_rows(A - pmean, k)
+        return pmean, eig_rows(A - pmean)
     S, total = np.zeros((d, d)), np.zeros(d)
     for lo in range(0, n, _SCATTER_ROWS):
         B = block(lo, min(lo + _SCATTER_ROWS, n))
@@ -237,7 +295,7 @@ def _stage1_pca(Z: np.ndarray, t: np.ndarray, mu1: np.ndarray, sd1: np.ndarray, 
         S += B.T @ B
     pmean = total / n
     S -= n * np.outer(pmean, pmean)
-    return pmean, axes_from_scatter(S, k)
+    return pmean, eig_scatter(S)
 
 
 def _inv_sqrt_from_rows(A: np.ndarray, lam: float) -> np.ndarray:
@@ -305,12 +363,14 @@ class TVN(Step):
 
     name = "tvn"
     options = (
-        choice_opt("by", ("global", "batch"), "global", aliases={"plate": "batch", "none": "global"},
-                   help="centre/scale stages on all controls (EFAAR) or per batch"),
-        int_opt("n_components", "all", special=("all",), help="PCA components kept (all = min(n_ctrl - 1, d))"),
+        choice_opt("by", ("global", "plate", "batch"), "global", aliases={"none": "global"},
+                   help="centre/scale stages on all controls (EFAAR), per plate or per batch; CORAL is per batch "
+                        "with by=batch, else per plate"),
+        *PCA_OPTIONS,
         bool_opt("coral", True, help="per-batch CORAL whitening of the control covariance"),
         float_opt("lam", 0.5, lo=0.0, lo_open=True, help="CORAL ridge added to each batch's control covariance"),
     )
+    precision_ = "float32"
     summary = "scale on controls -> control PCA -> scale on controls -> per-batch CORAL (cov + lam I)^(-1/2)"
     writes_out = True  # apply(..., out=) fills the recipe's output rows directly
 
@@ -319,7 +379,10 @@ class TVN(Step):
         self._memo: dict[str, tuple[tuple[Any, ...], Any]] = {}
 
     def relevant_options(self) -> list[str]:
-        return ["by", "n_components", "coral"] + (["lam"] if self.opts["coral"] else [])
+        return ["by", *_pca_relevant(self.opts), "coral"] + (["lam"] if self.opts["coral"] else [])
+
+    def check_options(self) -> None:
+        _choice(self.opts, self.name)
 
     def check_given(self, given: set[str]) -> None:
         if "lam" in given and not self.opts["coral"]:
@@ -327,14 +390,14 @@ class TVN(Step):
 
     @property
     def per_batch(self) -> bool:
-        return self.opts["by"] == "batch" or self.opts["coral"]
+        return self.opts["by"] != "global" or self.opts["coral"]
 
     def _stages(self, data: FitData, fit_globals: bool) -> dict[str, np.ndarray]:
         """Fit the per-batch tables (and, with `fit_globals`, the global parts) on control rows.
 
         The rows stay in their precision (float32 rows: float32 centring, scaling and projection);
         every statistic (means, stds, the PCA scatter matrix, CORAL covariances) is float64."""
-        by_batch = self.opts["by"] == "batch"
+        by_batch = self.opts["by"] != "global"
         d = data.X.shape[1]
         if self.per_batch:
             Z, starts, counts, t = _private_grouped(data, len(data.labels))  # rows grouped by batch
@@ -353,8 +416,9 @@ class TVN(Step):
                 self.mu1_, self.sd1_ = _scaler(Z, None)
             mu1, sd1 = self.mu1_, self.sd1_
         if fit_globals:
-            k = _n_components(self.opts["n_components"], data.n, d, self.name)
-            self.pmean_, self.components_ = _stage1_pca(Z, t, mu1, sd1, k)
+            self._fit_pca(Z, t, mu1, sd1)
+        if rows_dtype(Z, self.precision_) != Z.dtype:  # float32 rows the conditioning needs in float64
+            Z, wd = Z.astype(np.float64), np.float64
         if by_batch:
             batch_affine(Z, t, mu1, sd1)
         else:
@@ -374,6 +438,18 @@ class TVN(Step):
             assert blocks is not None
             tables["coral"] = coral_matrices(Z, blocks, self.opts["lam"])
         return tables
+
+    def _fit_pca(self, Z: np.ndarray, t: np.ndarray, mu1: np.ndarray, sd1: np.ndarray) -> None:
+        """Stage 2: the control PCA of the stage-1 rows, its component choice and the precision of
+        float32 rows' arithmetic (`pca_selection`; the stage-1 rows have unit variance per feature, so
+        only the eigenvalue spread decides)."""
+        what = f"{self.name}: "
+        choice = _choice(self.opts, self.name)
+        k_max = k_max_of(Z.shape[0], Z.shape[1], what)
+        choice.check(k_max, what)
+        self.pmean_, spectrum = _stage1_pca(Z, t, mu1, sd1)
+        self.components_, self.eigenvalues_, self.pca_info_ = pca_selection(spectrum, choice, k_max, Z.shape[0], what)
+        self.precision_ = self.pca_info_["precision"]
 
     def fit(self, data: FitData) -> None:
         self._memo = {}
@@ -404,7 +480,7 @@ class TVN(Step):
     def _params(self, tables: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(mu1, sd1, loc, sd2), float64, one row per table row (or one global row): stage 3 reads
         (u V' - loc) / sd2 with u = (x - mu1) / sd1 and loc = pmean V' + mu2."""
-        if self.opts["by"] == "batch":
+        if self.opts["by"] != "global":
             mu1, sd1, mu2, sd2 = (tables[key] for key in ("mu1", "sd1", "mu2", "sd2"))
         else:
             mu1, sd1, mu2, sd2 = self.mu1_, self.sd1_, self.mu2_, self.sd2_
@@ -430,8 +506,9 @@ class TVN(Step):
     def apply(self, Z: np.ndarray, tidx: np.ndarray, tables: dict[str, np.ndarray],
               out: np.ndarray | None = None) -> np.ndarray:
         """Transform a chunk in Z's precision (float32 rows: float32 products, parameters rounded to
-        float32 once); with `out` (float32) the rows are written there."""
-        wd = work_dtype(Z)
+        float32 once, unless the fit chose float64, `precision_`); with `out` (float32) the rows are
+        written there."""
+        wd = rows_dtype(Z, self.precision_)
         k, d = self.components_.shape
         direct = out is not None and out.dtype == wd
         Y = out if direct else np.empty((Z.shape[0], k), dtype=wd)
@@ -473,15 +550,17 @@ class TVN(Step):
         return _pc_names(self.components_.shape[0])
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        arrays = {"pmean": self.pmean_, "components": self.components_, **self.tables_}
+        pca, eig = _pca_params(self.pca_info_, self.eigenvalues_)
+        arrays = {"pmean": self.pmean_, "components": self.components_, **self.tables_} | eig
         if self.opts["by"] == "global":
             arrays |= {"mu1": self.mu1_, "sd1": self.sd1_, "mu2": self.mu2_, "sd2": self.sd2_}
-        return {"batches": self.batches_, "in_features": self.in_features_, "tables": sorted(self.tables_)}, arrays
+        return {"batches": self.batches_, "in_features": self.in_features_, "tables": sorted(self.tables_)} | pca, arrays
 
     def load_state(self, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self._memo = {}
         self.batches_, self.in_features_ = list(params["batches"]), list(params["in_features"])
         self.pmean_, self.components_ = arrays["pmean"], arrays["components"]
+        self.pca_info_, self.precision_, self.eigenvalues_ = _load_pca(params, arrays)
         self.tables_ = {key: arrays[key] for key in params["tables"]}
         if self.opts["by"] == "global":
             self.mu1_, self.sd1_, self.mu2_, self.sd2_ = arrays["mu1"], arrays["sd1"], arrays["mu2"], arrays["sd2"]

@@ -180,6 +180,24 @@ def atomic_dir(target: str | Path, staging: str | Path | None = None) -> Iterato
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_atomic(target: str | Path, staging: str | Path | None = None) -> bool:
+    """Remove file or folder `target` in one rename (readers see it whole or not at all), under its
+    writers' lock; the renamed copy is deleted afterwards. False if there was nothing to remove."""
+    target = Path(target)
+    if not target.exists():
+        return False
+    folder = target.parent if staging is None else Path(staging)
+    folder.mkdir(parents=True, exist_ok=True)
+    with target_lock(target):
+        _recover_and_clean(target, folder)
+        if not target.exists():
+            return False
+        gone = _temp_sibling(target, folder, "old")
+        os.replace(target, gone)
+        _remove(gone)
+    return True
+
+
 def write_arrays_and_json(target: str | Path, npz_name: str, arrays: dict[str, np.ndarray], json_name: str,
                           info: dict) -> Path:
     """Replace folder `target` atomically with `npz_name` (the arrays, no pickles) and `json_name` (info)."""

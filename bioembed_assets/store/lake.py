@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from bioembed_assets import schema as s
-from bioembed_assets.store.atomic import atomic_dir, write_parquet_atomic
+from bioembed_assets.store.atomic import atomic_dir, remove_atomic, write_parquet_atomic
 
 PART_FILE = "part-0.parquet"
 _FEATURES_DTYPE = pl.List(pl.Float32)
@@ -61,6 +61,8 @@ LAKE_TABLES: dict[str, LakeTable] = {
         _t("replicate_map", _VERSIONED, encoder=pl.Utf8, encoder_version=pl.Utf8, recipe=pl.Utf8,
            kind=pl.Utf8, group=pl.Utf8, mean_average_precision=pl.Float64, p_value=pl.Float64,
            corrected_p_value=pl.Float64, below_corrected_p=pl.Boolean),
+        _t("recipe_status", _VERSIONED, encoder=pl.Utf8, encoder_version=pl.Utf8, recipe=pl.Utf8,
+           recipe_steps=pl.Utf8, status=pl.Utf8, stage=pl.Utf8, error=pl.Utf8, crossfit=pl.Utf8),
     )
 }
 
@@ -127,6 +129,16 @@ class Lake:
                 dest.parent.mkdir(parents=True)
                 self._conform(table, df).write_parquet(dest, compression="zstd")
         return target
+
+    def drop(self, table: str, **prefix: str) -> bool:
+        """Remove the folder of `table` under the leading partition keys `prefix` (e.g. one recipe of
+        a feature set's normalized profiles) in one rename; False if it did not exist."""
+        t = self.table(table)
+        if not prefix or tuple(prefix) != t.partition_keys[: len(prefix)] or len(prefix) == len(t.partition_keys):
+            raise ValueError(f"table {table!r} folders are keyed by leading keys of {t.partition_keys}, got {tuple(prefix)}")
+        rest = {k: "x" for k in t.partition_keys[len(prefix):]}
+        folder = self.partition_path(table, **prefix, **rest).parents[len(rest)]
+        return remove_atomic(folder, staging=self.root / ".staging")
 
     def read(self, table: str, **filters: str) -> pl.DataFrame:
         """All rows of `table` whose partition keys equal `filters` (empty frame if none)."""

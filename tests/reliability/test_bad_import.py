@@ -128,11 +128,13 @@ def test_the_cli_refuses_an_encoder_name_without_registering_the_import(
 # ---------------------------------------------------------------------------------------- non-numbers
 
 
-def _screen_csv(path: Path) -> Path:
-    """One 12-well plate the evaluation accepts (4 DMSO wells), with "abc" in data row 4 of `Cytoplasm_c`."""
+def _screen_csv(path: Path, bad: bool = True) -> Path:
+    """One 12-well plate the evaluation accepts (4 DMSO wells), with "abc" in data row 4 of `Cytoplasm_c`
+    (unless not `bad`)."""
     rng = np.random.default_rng(2)
     values = [f"{v:.3f}" for v in rng.random(12)]
-    values[3] = "abc"
+    if bad:
+        values[3] = "abc"
     pl.DataFrame({"Metadata_Plate": ["P1"] * 12, "Metadata_Well": [f"A{i + 1:02d}" for i in range(12)],
                   "Metadata_broad_sample": ["DMSO"] * 4 + [f"c{i // 2}" for i in range(8)],
                   "Cells_a": rng.random(12), "Nuclei_b": rng.random(12), "Cytoplasm_c": values}).write_csv(path)
@@ -209,6 +211,71 @@ def test_the_cli_drops_non_numeric_columns_on_request_and_says_so(tmp_path: Path
     out = capsys.readouterr().out
     assert "2 features; dropped: 0 not in every file, 1 holding non-numbers" in out
     assert "dropped non-numeric feature columns: Cytoplasm_c" in out
+
+
+# ---------------------------------------------------------------------------------------- registered only once imported
+
+
+def _in_lake(home: Path, name: str) -> list[Path]:
+    return [p for p in (home / "lake").rglob("*.parquet") if f"encoder={name}" in str(p)]
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_a_failed_import_is_not_registered_and_a_later_import_works(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Registering before importing made every later import re-run the bad one and fail."""
+    from dagster_project.cli import main
+
+    home = tmp_path / "home"
+
+    def args(table: Path, name: str) -> list[str]:
+        return ["import-profiles", str(table), "--home", str(home), "--name", name, "--negative",
+                "Metadata_broad_sample=DMSO", "--null-size", "100"]
+
+    assert main(args(_screen_csv(tmp_path / "bad.csv"), "broken")) == 2
+    assert "feature column 'Cytoplasm_c' holds a value that is not a number" in capsys.readouterr().err
+    assert not (home / "feature_sets" / "broken").exists()  # no import.json, no manifest, no pending marker
+    assert _in_lake(home, "broken") == []
+    assert main(args(_screen_csv(tmp_path / "good.csv", bad=False), "good")) == 0
+    assert "Imported feature set good v1" in capsys.readouterr().out
+    assert sorted(p.parent.name for p in (home / "feature_sets").glob("*/import.json")) == ["good"]
+    # a bad join is refused before anything is saved too
+    platemap = tmp_path / "platemap.csv"
+    pl.DataFrame({"well": [f"A{i + 1:02d}" for i in range(11)], "dose": ["1"] * 11}).write_csv(platemap)
+    assert main([*args(_screen_csv(tmp_path / "good2.csv", bad=False), "joined"), "--metadata", str(platemap),
+                 "--on", "Metadata_Well=well"]) == 2
+    assert "1 of 12 profile row(s) match no row of the metadata table(s)" in capsys.readouterr().err
+    assert not (home / "feature_sets" / "joined").exists() and _in_lake(home, "joined") == []
+
+
+def test_a_registered_import_that_now_fails_does_not_stop_the_others(tmp_path: Path) -> None:
+    """Materializing without config re-runs each registered import on its own and fails at the end naming
+    the failed ones (a file that turned bad, an unreadable import.json); the others are imported."""
+    import dagster as dg
+
+    from bioembed_assets.sources.profile_table import SavedImport, latest_version, save_import
+    from dagster_project.assets import imported_profiles
+    from dagster_project.resources import BioembedHome
+
+    home = tmp_path / "home"
+    tables = {name: _table(tmp_path / f"{name}.csv", plate=plate) for name, plate in (("a_turned_bad", "P1"),
+                                                                                       ("b_fine", "P2"))}
+    for name, table in tables.items():
+        spec = ProfileImportSpec(name=name)
+        import_profiles(home, [table], spec)
+        save_import(home, SavedImport(spec=spec, files=[str(table)]))
+    _bad_csv(tables["a_turned_bad"])  # the file changed: now it holds "abc"
+    _table(tables["b_fine"], plate="P2", Cytoplasm_c=np.arange(6.0))  # changed too, still good: a new version
+    (home / "feature_sets" / "c_garbled").mkdir()
+    (home / "feature_sets" / "c_garbled" / "import.json").write_text("{not json")
+    result = dg.materialize([imported_profiles], resources={"bioembed": BioembedHome(root=str(home))},
+                            raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    message = failure.message if failure.cause is None else failure.message + str(failure.cause)
+    assert "2 registered import(s) failed (the others were imported): a_turned_bad: BioembedInputError:" in message
+    assert "'Cytoplasm_c' holds a value that is not a number" in message and "c_garbled: unreadable" in message
+    assert latest_version(home, "b_fine") == "2" and latest_version(home, "a_turned_bad") == "1"
 
 
 # ---------------------------------------------------------------------------------------- cost per column
