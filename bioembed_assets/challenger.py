@@ -15,10 +15,10 @@ from pathlib import Path
 
 import polars as pl
 
-from bioembed_assets import feature_sets
+from bioembed_assets import feature_sets, pipeline
 from bioembed_assets import schema as s
 from bioembed_assets.config import Home
-from bioembed_assets.evaluate.crossfit import CrossFit, pipeline
+from bioembed_assets.evaluate.crossfit import CrossFit
 from bioembed_assets.inference import resolve_device
 from bioembed_assets.promotion import evaluated_plates, version_metrics
 from bioembed_assets.registry import EVALUATION_EXPERIMENT, EncoderRegistry, EncoderVersion

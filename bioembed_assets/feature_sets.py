@@ -210,6 +210,7 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
     treated_meta = meta.filter(pl.Series(treated))
     tables = {"replicate": rep}
     scalars = {"n_features": float(X.shape[1]), "replicate_map": rep["mean_average_precision"].mean(),
+               "replicate_perturbations": float(rep["mean_average_precision"].drop_nulls().drop_nans().len()),
                "fraction_retrieved": fraction_retrieved(rep)}
     try:
         nonrep_ap = nonreplicate_average_precision(treated_meta, X[treated])

@@ -151,6 +151,8 @@ def load_platemap(home: Home, plate: str, config: RunConfig | None = None) -> di
     path = resolve_platemap_path(cfg.plate_dir(plate), cfg.platemap.path, plate,
                                  base=Path(cfg.config_dir) if cfg.config_dir else None)
     platemap = read_platemap(path, plate, cfg.platemap.columns or None, cfg.platemap.controls or None)
+    if plate in cfg.batches:
+        platemap = platemap.with_columns(pl.lit(cfg.batches[plate], pl.Utf8).alias(s.BATCH))
     lake = Lake(home.lake)
     images = lake.read("images", plate=plate)
     join = validate_platemap_join(platemap, images, plate) if images.height else None
@@ -293,8 +295,9 @@ def profile_plate(home: Home, plate: str, version: EncoderVersion) -> dict:
         raise s.BioembedInputError(f"wells with images but no platemap entry: {sorted(unmapped)}",
                                    plate=plate)
     wells_meta, W = aggregate_to_wells(meta, features_to_numpy(emb))
+    design = [c for c in (s.BATCH, s.COMPOUND) if c in wells_meta.columns]  # optional platemap columns
     wells_meta = wells_meta.select(s.PLATE, s.WELL, s.PERTURBATION, s.CONTROL_TYPE, s.MOA,
-                                   s.ENCODER, s.ENCODER_VERSION, "n_cells")
+                                   s.ENCODER, s.ENCODER_VERSION, "n_cells", *design)
     lake.write("well_profiles", with_features(wells_meta, W), encoder=version.name,
                version=version.version, plate=plate)
     missing = sorted(set(platemap[s.WELL]) - set(wells_meta[s.WELL]))

@@ -8,6 +8,7 @@ import dagster as dg
 import polars as pl
 
 from bioembed_assets import feature_sets, pipeline
+from bioembed_assets.evaluate.crossfit import parse_crossfit
 from bioembed_assets.sources.profile_table import (
     ImportedFeatureSet,
     ProfileImportSpec,
@@ -139,6 +140,8 @@ class ProfileImportConfig(dg.Config):
     non_numeric: Literal["error", "drop"] = "error"
     """Feature columns holding non-numbers: fail naming file, row and column, or drop them (counted)."""
     recipes: dict[str, str] = {"card": "card"}
+    crossfit: str = "auto"
+    """How each recipe's replicate mAP is cross-fitted: auto, off or a number of folds (README: Evaluation metrics)."""
 
 
 def _import_row(result: ImportedFeatureSet) -> tuple:
@@ -159,11 +162,11 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
     if config.name or config.files:
         if not (config.name and config.files):
             raise ValueError("an import needs both `name` and `files`")
-        spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes"}))
-        new = SavedImport(spec=spec, files=config.files, recipes=config.recipes)
+        spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes", "crossfit"}))
+        new = SavedImport(spec=spec, files=config.files, recipes=config.recipes, crossfit=parse_crossfit(config.crossfit))
         result = import_profiles(root, new.files, new.spec)  # every check runs before anything is written
         save_import(root, new)  # registered only once it imported
-        done.append({"name": result.name, "version": result.version, "recipes": new.recipes})
+        done.append({"name": result.name, "version": result.version, "recipes": new.recipes, "crossfit": new.crossfit})
         rows.append(_import_row(result))
     else:
         for saved in saved_imports(root, errors=failed):
@@ -173,7 +176,8 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
                 failed[saved.spec.name] = f"{type(exc).__name__}: {exc}"
                 context.log.error(f"import {saved.spec.name!r} failed: {failed[saved.spec.name]}")
                 continue
-            done.append({"name": result.name, "version": result.version, "recipes": saved.recipes})
+            done.append({"name": result.name, "version": result.version, "recipes": saved.recipes,
+                         "crossfit": saved.crossfit})
             rows.append(_import_row(result))
     rows += [(name, None, None, None, None, None, None, error) for name, error in sorted(failed.items())]
     table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features",

@@ -33,7 +33,7 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     if outcome.learning is not None:
         _report_learning(outcome)
     if outcome.failures:
-        print(f"\nFailed plates: {outcome.failures}")
+        print(f"\nFailed: {outcome.failures}")
     sql, result = run_example(home.catalog_path, "top_similar_wells")
     print(f"\nDuckDB catalog: {home.catalog_path}  (open read-only)")
     print(f"Example query:\n{sql}\n{result}")
@@ -141,7 +141,8 @@ def _import_profiles(args: argparse.Namespace) -> int:
               "metadata_prefixes": list(dict.fromkeys(["Metadata_", *args.metadata_prefix])),
               "metadata_cols": names(args.metadata_cols), "metadata_files": [str(Path(f).resolve()) for f in args.metadata],
               "metadata_on": names(args.on), "non_numeric": args.non_numeric, "recipes": recipes}
-    home, imported = import_with_dagster(args.home, config, null_size=args.null_size)
+    config["crossfit"] = args.crossfit
+    home, imported, failure = import_with_dagster(args.home, config, null_size=args.null_size)
     print(f"Imported feature set {imported['name']} v{imported['version']} into {home.lake}")
     print(_import_summary(load_manifest(home.root, imported["name"], imported["version"])))
     table = metrics_table(home.catalog_path)
@@ -149,6 +150,10 @@ def _import_profiles(args: argparse.Namespace) -> int:
                                       & (table["encoder_version"] == imported["version"]))))
     print(f"\nQuery it: uv run bioembed sql --home {home.root} "
           f"\"SELECT * FROM metrics WHERE encoder = '{imported['name']}'\"")
+    if failure:
+        print(f"\nbioembed import-profiles: {failure}\n  (the other recipes' results are stored; see "
+              f"SELECT * FROM recipe_status WHERE status = 'failed')", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -395,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--recipe", action="append", metavar="NAME[=STEPS]",
                      help="normalization recipe to fit and evaluate (repeatable; default: card)")
     imp.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
+    imp.add_argument("--crossfit", default="auto", help="how a recipe's replicate mAP is cross-fitted: auto (2 folds "
+                     "when each plate keeps 4 controls per fold, else in-sample), off, or a number of folds (README: "
+                     "Evaluation metrics)")
     imp.set_defaults(func=_import_profiles)
     sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only); prints every row")
     sql.add_argument("query")

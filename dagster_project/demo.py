@@ -141,6 +141,10 @@ def _materialize_all(instance: dg.DagsterInstance, graph: AssetGraph, plate_name
                                       ([graph.evaluation], [None])):
             for partition in partitions:
                 if not (result := run(selection, partition)).success:
+                    if selection == [graph.evaluation]:  # some recipes failed; the others' results are stored
+                        outcome.failures["evaluation"] = _failure_message(result)
+                        log(f"  evaluation: FAILED - {outcome.failures['evaluation']}")
+                        continue
                     raise RuntimeError(f"{selection[0].key.to_user_string()} failed: {_failure_message(result)}")
     outcome.stage_seconds["normalize + evaluate"] = time.perf_counter() - t_profiles
     log("  normalizer fitted, plates normalized, evaluation done")
@@ -216,16 +220,20 @@ def run_with_config(home_dir: str | Path, config: RunConfig, null_size: int = 10
     return outcome
 
 
-def import_with_dagster(home_dir: str | Path, import_config: dict, null_size: int = 10000) -> tuple[Home, dict]:
+def import_with_dagster(home_dir: str | Path, import_config: dict,
+                        null_size: int = 10000) -> tuple[Home, dict, str | None]:
     """Register the import `import_config` (the fields of `ProfileImportConfig`) and materialize
-    `imported_profiles` -> `imported_evaluation` in-process; returns the home and the imported set's
-    name/version."""
+    `imported_profiles` -> `imported_evaluation` in-process; returns the home, the imported set's
+    name/version and None, or, when the import succeeded but some recipe failed (the others are
+    stored), the failure message. A failed import raises."""
     home = use_home(home_dir)
     run_config = {**_QUIET, "ops": {"imported_profiles": {"config": import_config}}}
     result = dg.materialize(IMPORT_ASSETS, instance=dg.DagsterInstance.get(),
                             resources={"bioembed": BioembedHome(root=str(home.root), null_size=null_size)},
                             run_config=run_config, raise_on_error=False)
-    if not result.success:
+    imported_ok = any(e.is_step_success and e.step_key == "imported_profiles" for e in result.all_events)
+    if not imported_ok:
         raise RuntimeError(f"import failed: {_failure_message(result)}")
     imported = result.output_for_node("imported_profiles")
-    return home, next(i for i in imported if i["name"] == import_config["name"])
+    found = next(i for i in imported if i["name"] == import_config["name"])
+    return home, found, None if result.success else _failure_message(result)

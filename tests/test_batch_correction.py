@@ -137,19 +137,21 @@ def test_harmony_stores_harmonypys_final_mixture_of_experts_correction() -> None
     np.testing.assert_allclose(E.sum(axis=1), R.sum(axis=0))
 
 
-def test_harmony_apply_on_its_fit_rows_reproduces_harmonypy() -> None:
+@pytest.mark.parametrize(("seed", "d", "tol"), [(0, 20, 5e-3), (0, 10, 5e-3), (3, 20, 2e-4)])
+def test_harmony_apply_on_its_fit_rows_reproduces_harmonypy(seed: int, d: int, tol: float) -> None:
     """apply() recomputes each row's soft assignment from the data (not harmonypy's R): on the fit
-    rows it lands on harmonypy's Z_corr up to Harmony's own iteration-to-iteration movement
-    (this data: relative error 1.0e-3, correlation 0.9999996)."""
-    X, b, g = _screen(0)
+    rows it lands on harmonypy's Z_corr up to Harmony's own iteration-to-iteration movement.
+    Measured relative errors: 9.8e-4, 9.9e-4, 3.4e-5 (without the diversity factor in the soft
+    assignment: 1.8e-3, 5.6e-2, 6.5e-4)."""
+    X, b, g = _screen(seed, d=d)
     recipe = Recipe.parse("harmony").fit(X, b, g == 0)
     step = recipe.steps[0]
-    assert step.n_iter_ > 1 and step.centroids_.shape == (20, 17)  # 500 rows: 17 clusters, not 300
+    assert step.n_iter_ > 1 and step.centroids_.shape == (d, 17)  # 500 rows: 17 clusters, not 300
     out = step.apply(X, np.unique(b, return_inverse=True)[1], step.stored_tables())
     Zc = np.asarray(_harmonypy(X, b, step).Z_corr)
-    assert _rel_error(out, Zc) < 5e-3
+    assert _rel_error(out, Zc) < tol
     assert np.corrcoef(out.ravel(), Zc.ravel())[0, 1] > 0.9999
-    assert min(np.corrcoef(out[:, j], Zc[:, j])[0, 1] for j in range(20)) > 0.9999
+    assert min(np.corrcoef(out[:, j], Zc[:, j])[0, 1] for j in range(d)) > 0.999
     assert np.abs(recipe.transform(X, b) - out).max() < 1e-5  # the recipe's float32 output
 
 

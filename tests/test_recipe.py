@@ -15,6 +15,7 @@ from bioembed_assets.profiles.selection import default_blocklist
 from bioembed_assets.profiles.sphering import REG_GRID, tuning_split
 from bioembed_assets.sources.synthetic_profiles import SyntheticProfilesConfig, generate_profiles
 from tests.conftest import entries
+from tests.test_batch_correction import JUMP_HARMONY
 
 CANONICAL = {
     "card": "pca_centerscale(n_components=all)",
@@ -24,6 +25,7 @@ CANONICAL = {
     "jump": "feature_select(nan,variance,correlation,blocklist,on=all,na_cutoff=0.0,freq_cut=0.05,unique_cut=0.01,"
             "corr_threshold=0.9,blocklist=[@default])|mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)"
             "|sphere(method=zca-cor,on=controls,reg=auto,seed=0)",
+    "jump_harmony": JUMP_HARMONY,
 }
 
 
@@ -76,8 +78,9 @@ def test_spec_is_canonical_whatever_the_spelling() -> None:
 
 
 @pytest.mark.parametrize("text,match", [
-    ("spherize", r"unknown step 'spherize'; known steps: \['feature_select', 'mad_robustize', 'pca_centerscale', "
-                 r"'sphere', 'standardize', 'tvn'\]; presets: \['card', 'jump', 'mad', 'standardize', 'tvn'\]"),
+    ("spherize", r"unknown step 'spherize'; known steps: \['feature_select', 'harmony', 'inverse_normal', "
+                 r"'mad_robustize', 'pca_centerscale', 'sphere', 'standardize', 'tvn'\]; presets: \['card', 'jump', "
+                 r"'jump_harmony', 'mad', 'standardize', 'tvn'\]"),
     ("sphere(rg=1)", r"step 'sphere' has no option 'rg'; known options: \['by', 'method', 'on', 'reg', 'seed'\]"),
     ("sphere(method=zca-corr)", r"method='zca-corr' must be one of \['pca', 'zca', 'pca-cor', 'zca-cor'\]"),
     ("sphere(reg=-1)", r"sphere: option reg='-1' must be in \[0.0, inf\]"),

@@ -107,3 +107,24 @@ def test_toml_config_resolves_paths_and_round_trips(tmp_path: Path) -> None:
     assert pipeline.load_run_config(home) == cfg
     with pytest.raises(ValueError, match="invalid plate name"):
         cfg.plate_dir("../escape")
+
+
+def test_batches_and_compounds_reach_the_well_profiles(home) -> None:
+    """`batches` (plate -> week) and a platemap `compound` column are carried to the well profiles."""
+    home, plate = home
+    cfg = pipeline.default_run_config(home)
+    platemap = Path(pipeline.resolve_platemap_path(cfg.plate_dir(plate), cfg.platemap.path, plate))
+    import polars as pl
+
+    table = pl.read_csv(platemap)
+    table.with_columns(pl.col(table.columns[1]).alias("Metadata_compound")).write_csv(platemap)
+    cfg = cfg.model_copy(update={"batches": {plate: "week07"}})
+    _prepare(home, plate, cfg)
+    pipeline.segment_raw_plate(home, plate, cfg)
+    pipeline.crop_cells(home, plate, cfg)
+    version = EncoderVersion("classical", "1", run_id="", tags={})
+    pipeline.embed_plate(home, plate, build_encoder("classical"), version)
+    pipeline.profile_plate(home, plate, version)
+    wells = Lake(home.lake).read("well_profiles", encoder="classical", version="1", plate=plate)
+    assert wells["batch"].unique().to_list() == ["week07"]
+    assert wells["compound"].null_count() == 0 and wells["compound"].n_unique() > 1

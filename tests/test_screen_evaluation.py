@@ -108,3 +108,23 @@ def test_batch_asw_is_scibs_silhouette_batch() -> None:
         per_label.append(np.mean(1 - np.abs(s)))
     assert batch_asw(X, batches, labels) == pytest.approx(np.mean(per_label), rel=1e-9)
     assert np.isnan(batch_asw(X, np.full(60, "a"), labels))
+
+
+@pytest.mark.integration
+def test_import_cli_reports_a_failed_recipe_with_exit_status_1(tmp_path, capsys) -> None:
+    from dagster_project.cli import main
+
+    csv = write_screen_csv(tmp_path / "screen.csv", SCREEN)
+    home = tmp_path / "home"
+    args = ["import-profiles", str(csv), "--home", str(home), "--name", "screen", "--compound", "Metadata_broad_sample",
+            "--perturbation", "Metadata_broad_sample,Metadata_dose", "--batch", "Metadata_Batch",
+            "--moa", "Metadata_moa", "--negative", "Metadata_broad_sample=DMSO", "--null-size", "200",
+            "--recipe", "mad_batch=mad_robustize(by=batch)", "--recipe", "singular=sphere(method=zca,reg=0)"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "mad_batch" in out and "1 recipe(s) failed" in err and "singular" in err and "Traceback" not in err
+    assert main(["sql", "--home", str(home), "--csv",
+                 "SELECT recipe, status, stage FROM recipe_status ORDER BY recipe"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["mad_batch,ok,evaluate", "raw,ok,evaluate", "singular,failed,fit"]
+    assert main(args[:-4] + ["--recipe", "mad_batch=mad_robustize(by=batch)", "--crossfit", "1"]) == 2
+    assert "crossfit must be" in capsys.readouterr().err

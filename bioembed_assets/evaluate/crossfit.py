@@ -43,6 +43,16 @@ CrossFit = Literal["auto", "off"] | int
 """`auto`, `off` (in-sample: score against the controls the recipe was fitted on) or a fold count >= 2."""
 
 
+def parse_crossfit(value: str | int) -> CrossFit:
+    """`auto`, `off` or a fold count >= 2, from text (CLI, Dagster config) or a number."""
+    text = str(value).strip().lower()
+    if text in ("auto", "off"):
+        return text  # type: ignore[return-value]
+    if text.isdigit() and int(text) >= 2:
+        return int(text)
+    raise ValueError(f"crossfit must be 'auto', 'off' or a number of folds >= 2, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CrossFitPlan:
     """How a recipe's replicate mAP is scored: `n_folds` (0 = in-sample), the labels folds are dealt

@@ -13,31 +13,37 @@ only centred instead of having rounding noise blown up to unit variance.
 
 Component choice (`ComponentChoice`, shared with `tvn`): the first k axes, k the smallest of
 `n_components` (default all, min(n_controls - 1, d)), the fewest components explaining more than
-`variance` of the control variance (default 1: no cut), and the number of control eigenvalues above
-`tol` x the largest (default `DEFAULT_TOL` = 1e-8, ~sqrt(float64 eps)). Step 2 gives every kept
-component unit variance, so a component that is rounding noise weighs as much as a real one in a
-cosine similarity: `tol` drops them. Why 1e-8: the axes come from a float64 eigendecomposition of
-the d x d scatter matrix, whose absolute error is ~eps64 x the largest eigenvalue, so an axis with
-eigenvalue lam is known to ~d eps64 lam_max / gap: at lam >= 1e-8 lam_max that is <= ~1e-6 of the
-axis for eigenvalue gaps of >= 10 %, and the component is also >= 1e4 times the rounding of float32-
-stored features (eps32 / sqrt(1e-8) ~ 1e-3 of its std), while below ~1e-13 lam_max an eigenvalue is
-pure rounding. On un-scaled features (PCA is not scale-invariant) the tolerance also drops
-directions that carry < 1e-8 of the variance: standardize first to keep small-scale features.
-The fit records the kept count and the reason (`n_components`, `selection`).
+`variance` of the control variance (default 1: no cut; as scikit-learn's PCA(n_components=<float>)),
+and the number of control eigenvalues above `tol` x the largest (default `DEFAULT_TOL` = 1e-10;
+0 keeps every component, as before these options existed). Step 2 gives every kept component unit
+variance, so a component that is rounding noise weighs as much as a real one in a cosine
+similarity; `tol` drops them. Why 1e-10: the axes come from a float64 eigendecomposition of the
+d x d scatter matrix, whose error is ~eps64 x the largest eigenvalue, so small axes lose accuracy as
+eps64 lam_max / lam, and eigenvalues below ~d eps64 ~ 1e-13 of the largest are rounding noise.
+Measured against scikit-learn's exact SVD (PCA(svd_solver="full")), the card output stays within
+5e-6 down to eigenvalues of 1e-10 of the largest (d = 60..384, closely spaced spectra in a random
+basis; <= 4e-7 on un-scaled CellProfiler-like features) and departs beyond (1e-5 at 3e-11, 1e-4
+and more at 1e-12). sqrt(eps64) ~ 1.5e-8 would leave more margin but drops real directions: PCA is
+not scale-invariant, and un-scaled features (the classical encoder's reach 7e-10 of the largest
+feature variance) carry signal there; standardize first to weigh small-scale features equally.
+The fit records the kept count and the bound that set it (`n_components`, `selection`: all /
+n_components / variance / tol) and the eigenvalues.
 
 Precision: the statistics are float64 whatever the input (column means, the scatter matrix
 accumulated from float64 blocks of the rows, per-batch means and stds of the projected controls),
-so float32 and float64 rows get the same axes. Rows are centred, projected (the 1M x d x k GEMM
-that dominates the cost) and scaled in float32 for float32 input, as scikit-learn does, when
-float32 resolves every kept component: the rounding of a float32 projection is ~eps32 x the norm
-of the centred row, i.e. relative to the std of component k (measured rms: <= 0.8 of)
-`float32_noise` = eps32 x sqrt(total control variance / lam_k); float32 is kept while that is
-<= `FLOAT32_NOISE_MAX` = 1e-4 (total / lam_k <= 7e5: eigenvalue spread or feature-scale spread that
-float32 resolves; the synthetic benchmark profiles have ~7e3), else float32 rows are centred,
-projected and scaled in float64 (`precision` in the fitted state). For float32 rows a component also
+so float32 and float64 rows get the same axes. For float32 input, rows are centred, projected (the
+1M x d x k GEMM that dominates the cost) and scaled in float32, as scikit-learn does, when float32
+resolves every kept component: `float32_noise` (eps32 sqrt(d v' diag(S) v / lam), the largest over
+the kept axes v; an estimate from above of the rms rounding noise relative to the component's
+std, measured <= 0.5 of it) is <= `FLOAT32_NOISE_MAX` = 1e-4 (max over rows then ~5e-4 of the scale
+at most); v' diag(S) v / lam is 1 for an axis along one feature and large for near-cancellations
+of larger features (near-collinear features): the eigenvalue / feature-scale spread float32 cannot
+resolve. The synthetic benchmark profiles have ~8e-6. Otherwise float32 rows are converted and
+computed in float64 (`precision` "float64" in the fitted state; float32 input keeps its own
+rounding, ~eps32 of each value, which no arithmetic undoes). For float32 arithmetic a component also
 counts as constant in a batch when its std is below the rounding noise of the projection
-(~4 sqrt(d) eps of the norm of the batch's projected rows, eps of the precision used). Other inputs
-are computed in float64. Output is float32.
+(~4 sqrt(d) eps32 of the norm of the batch's projected rows). Other inputs are computed in float64.
+Output is float32.
 """
 
 from __future__ import annotations
@@ -190,7 +196,7 @@ def control_pca(C: np.ndarray, mean: np.ndarray | None = None) -> Spectrum:
     return eig_rows(A if mean is None else A - mean)
 
 
-DEFAULT_TOL = 1e-8  # relative eigenvalue tolerance, ~sqrt(float64 eps): see the module docstring
+DEFAULT_TOL = 1e-10  # relative eigenvalue tolerance: the smallest at which the float64 scatter eigh is accurate (docstring)
 FLOAT32_NOISE_MAX = 1e-4  # largest float32 rounding noise (rms, relative to the smallest kept component's std) accepted
 _EPS32 = float(np.finfo(np.float32).eps)
 SELECTIONS = ("all", "n_components", "variance", "tol")

@@ -1,7 +1,7 @@
 """`inverse_normal`: rank-based inverse normal transform (INT) of each feature, as the JUMP recipe's `int` step.
 
-Definition (JUMP `jump_profiling_recipe.preprocessing.transform.rank_int_array`, after Beasley et
-al. 2009 / edm1's rank-based-INT): for a feature with fit values x_1..x_n and ranks r_i (1..n),
+Definition (JUMP `jump_profiling_recipe.preprocessing.transform.rank_int_array`, adapted there
+from edm1's rank-based-INT): for a feature with fit values x_1..x_n and ranks r_i (1..n),
 
     y_i = Phi^-1((r_i - c) / (n - 2c + 1))        with Blom's c = 3/8 (default; option `c`)
 

@@ -362,10 +362,11 @@ class Recipe:
     def _tune(self, i: int, X: np.ndarray, codes: dict[str, np.ndarray], labels: dict[str, list[str]], ctrl: np.ndarray,
               pert: np.ndarray | None) -> None:
         """Tune step i on half of each plate's controls (steps[:i] refitted on that half), scoring
-        against the other half."""
+        against the other half; half of each batch's when no step up to i keeps per-plate tables
+        (e.g. `mad_robustize(by=batch)|sphere(by=batch,reg=auto)` on 6 controls per plate)."""
         step = self.steps[i]
-        fit_ctrl, eval_rows = tuning_split(codes["plate"], len(labels["plate"]), labels["plate"], ctrl, pert,
-                                           step.opts["seed"], step.name)
+        g = "plate" if any(s.per_batch and s.grouping == "plate" for s in self.steps[: i + 1]) else "batch"
+        fit_ctrl, eval_rows = tuning_split(codes[g], len(labels[g]), labels[g], ctrl, pert, step.opts["seed"], step.name)
         assert pert is not None
         # steps fitted on all rows (none before them on controls) do not depend on the split: reuse them
         shared = 0

@@ -18,22 +18,25 @@
 
 Component choice (both steps; `normalize.ComponentChoice`): `n_components=<int>|all` (at most),
 `variance=<fraction>` (the fewest components explaining more than it; default 1, no cut) and
-`tol=<float>` (drop eigenvalues <= tol x the largest; default 1e-8 ~ sqrt(float64 eps): below it an
-axis of the float64 scatter eigendecomposition is no longer accurate to ~1e-6, and its component,
-scaled to unit variance, would weigh as much as a real one). Specs print `variance` and `tol` only
-when not at their defaults. The fitted state records the kept count and the bound that set it
-(`pca`: n_components, selection, explained_variance, float32_noise, precision) and the eigenvalues.
+`tol=<float>` (drop eigenvalues <= tol x the largest; default 1e-10: below it an axis of the
+float64 scatter eigendecomposition is no longer accurate to 1e-5, and its component, scaled to
+unit variance, would weigh as much as a real one; 0 keeps all). Specs print
+`variance` and `tol` only when not at their defaults (specs written before they existed read the
+same). The fitted state records the kept count and the bound that set it (`pca`: n_components,
+selection, explained_variance, float32_noise, precision) and the eigenvalues; states saved before
+have no record and keep the float32 path.
 
 Precision (both steps): the statistics are float64: means and stds of float32 values, the PCA
 scatter matrix (from float64 blocks of the rows, so the components equal those of a float64 fit of
 the same numbers). float32 rows are centred, projected and scaled in float32 (the row-sized GEMMs,
-as scikit-learn does for float32 input) when the fit finds float32 resolves the smallest kept
-component (`normalize.float32_noise` <= 1e-4: eps32 x sqrt(total / smallest kept eigenvalue) of
-the PCA's input, i.e. its eigenvalue spread; well-scaled embeddings have ~1e-5), else in float64
-(`precision` "float64"), CORAL included. On the float32 path only the per-batch CORAL matrices
-(small Gram products and ~300 x 300 eigendecompositions, the bulk of tvn's fit) are computed and
-kept in float32; transformed rows then differ from the float64 path's by ~1e-5 of each component's
-scale at most (tests: < 1e-4). float64 rows take the float64 path throughout.
+as scikit-learn does for float32 input) when float32 resolves every kept component
+(`normalize.float32_noise` <= 1e-4 on the PCA's input: tvn's stage-1 rows have unit variance per
+feature, so only near-collinear features can push it up; ~8e-6 on the synthetic benchmark
+profiles), else in float64 (`precision` "float64"), CORAL included. On the float32 path only the
+per-batch CORAL matrices (small Gram products and ~300 x 300 eigendecompositions, the bulk of tvn's
+fit) are computed and kept in float32; transformed rows then differ from the float64 path's by
+~5 float32_noise of each component's scale at most (tests: < 1e-4). float64 rows take the float64
+path throughout.
 """
 
 from __future__ import annotations

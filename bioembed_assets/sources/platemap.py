@@ -18,6 +18,8 @@ from pathlib import Path
 import polars as pl
 
 from bioembed_assets.schema import (
+    BATCH,
+    COMPOUND,
     CONTROL_TYPE,
     MOA,
     PERTURBATION,
@@ -38,7 +40,9 @@ _ALIASES = {
 """Common spellings of control types (JUMP's `negcon`/`poscon_*`, LINCS's `trt`)."""
 
 ROW, COLUMN = "row", "column"
-MAPPABLE_COLUMNS: tuple[str, ...] = (*PLATEMAP_COLUMNS, ROW, COLUMN)
+OPTIONAL_COLUMNS: tuple[str, ...] = (BATCH, COMPOUND)
+"""Design columns kept when the platemap has (or maps) them: the plate's batch, a treatment's compound."""
+MAPPABLE_COLUMNS: tuple[str, ...] = (*PLATEMAP_COLUMNS, *OPTIONAL_COLUMNS, ROW, COLUMN)
 """bioembed columns a `columns` mapping may name; `row` + `column` stand in for `well`
 (row a letter or 1-based number, column a number), as in BBBC013's `1049_Metadata.csv`."""
 _ROW = "_platemap_row"
@@ -102,7 +106,8 @@ def read_platemap(
     columns: Mapping[str, str] | None = None,
     controls: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
-    """Read and validate the platemap of `plate`; columns exactly PLATEMAP_COLUMNS, sorted by well.
+    """Read and validate the platemap of `plate`; columns PLATEMAP_COLUMNS (plus `batch` / `compound`
+    when present), sorted by well.
 
     `columns` maps bioembed columns (`well` or `row` + `column`, `perturbation`, `control_type`, `moa`,
     `plate`) to the file's column names; unmapped ones are looked up by name, with or without a
@@ -220,8 +225,9 @@ def platemap_from_frame(
         raise BioembedInputError(
             "no negative control wells (control_type 'negative'); normalization needs them", plate=plate, path=source
         )
+    optional = [pl.col(c).str.strip_chars().replace("", None) for c in OPTIONAL_COLUMNS if c in out.columns]
     rows, cols = zip(*(parse_well(w) for w in out[WELL]))
-    return out.with_columns(_r=pl.Series(rows), _c=pl.Series(cols)).sort("_r", "_c").select(list(PLATEMAP_COLUMNS))
+    return out.with_columns(_r=pl.Series(rows), _c=pl.Series(cols)).sort("_r", "_c").select(*PLATEMAP_COLUMNS, *optional)
 
 
 def resolve_platemap_path(plate_dir: Path, path: str | Path, plate: str, base: Path | None = None) -> Path:

@@ -696,6 +696,8 @@ class SavedImport(BaseModel):
     spec: ProfileImportSpec
     files: list[str]
     recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
+    crossfit: Literal["auto", "off"] | int = "auto"
+    """How each recipe's replicate mAP is cross-fitted (`evaluate.crossfit.plan_crossfit`)."""
 
 
 def save_import(home_root: str | Path, saved: SavedImport) -> Path:
