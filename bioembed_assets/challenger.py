@@ -63,12 +63,12 @@ def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVers
 
 def evaluate_against_champion(home: Home, registry: EncoderRegistry, champion: EncoderVersion,
                               challenger: EncoderVersion, recipes: Mapping[str, str], *, device: str = "auto",
-                              batch_size: int = 256, null_size: int = 10000,
+                              batch_size: int = 256, null_size: int = 10000, crossfit: CrossFit = "auto",
                               log: Callable[[str], None] = print) -> feature_sets.Evaluation:
     """Evaluate `challenger` on the champion's plates, and the champion too unless its metrics
     already come from exactly those plates; returns the challenger's evaluation."""
     plates = evaluation_plates(home, champion)
-    kwargs = dict(device=device, batch_size=batch_size, null_size=null_size, log=log)
+    kwargs = dict(device=device, batch_size=batch_size, null_size=null_size, crossfit=crossfit, log=log)
     if needs_evaluation(home, champion, plates):
         evaluate_version(home, registry, champion, plates, recipes, **kwargs)
     return evaluate_version(home, registry, challenger, plates, recipes, **kwargs)

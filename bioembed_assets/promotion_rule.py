@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
-LOWER_IS_BETTER = frozenset({"batch_silhouette", "batch_knn_accuracy"})
-"""Plate-effect scores: lower means less plate effect. Every other metric is higher-is-better."""
+LOWER_IS_BETTER = frozenset({"batch_silhouette", "batch_knn_accuracy", "plate_silhouette", "plate_knn_accuracy"})
+"""Plate- and batch-effect scores: lower means less effect. Every other metric is higher-is-better."""
 RULE_METRICS = frozenset({
     "replicate_map", "fraction_retrieved", "nonrep_map", "nonrep_fraction_retrieved", "moa_map",
     "moa_fraction_retrieved", "nsc_accuracy", "nscb_accuracy", "relationship_recall_5", "relationship_recall_10",
-    "batch_silhouette", "batch_knn_accuracy", "batch_knn_entropy", "control_z_prime"})
+    "batch_silhouette", "batch_knn_accuracy", "batch_knn_entropy", "batch_asw", "plate_silhouette",
+    "plate_knn_accuracy", "plate_knn_entropy", "control_z_prime"})
 """Metrics a rule may name (what `evaluate_feature_set` computes; NaN where a design has none)."""
 
 

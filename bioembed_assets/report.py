@@ -11,7 +11,8 @@ from bioembed_assets.store.catalog import connect, example_queries
 _METRICS_SQL = """
 SELECT encoder, encoder_version, recipe, metric, value FROM metrics
 WHERE metric IN ('replicate_map', 'fraction_retrieved', 'nonrep_map', 'moa_map', 'moa_fraction_retrieved',
-                 'nsc_accuracy', 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance', 'control_z_prime')
+                 'nsc_accuracy', 'nscb_accuracy', 'plate_knn_accuracy', 'plate_silhouette', 'plate_chance',
+                 'batch_knn_accuracy', 'batch_silhouette', 'batch_chance', 'batch_asw', 'control_z_prime')
 """
 
 _GROUND_TRUTH_SQL = """
@@ -53,7 +54,7 @@ def format_metrics(df: pl.DataFrame) -> str:
     """A compact text table of `metrics_table` for terminals."""
     cols = {"replicate_map": "rep mAP", "fraction_retrieved": "retrieved", "nonrep_map": "nonrep mAP",
             "moa_map": "MoA mAP", "moa_fraction_retrieved": "MoA retr.", "nsc_accuracy": "NSC",
-            "batch_knn_accuracy": "plate kNN", "control_z_prime": "Z'"}
+            "nscb_accuracy": "NSCB", "plate_knn_accuracy": "plate kNN", "control_z_prime": "Z'"}
     header = f"{'encoder':<12}{'ver':>4}  {'recipe':<7}" + "".join(f"{v:>11}" for v in cols.values())
     lines = [header, "-" * len(header)]
     for r in df.iter_rows(named=True):

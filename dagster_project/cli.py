@@ -21,8 +21,9 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     print(format_metrics(metrics_table(home.catalog_path)))
     print("  rep mAP / retrieved: replicate mAP vs negative controls / fraction with BH-FDR < 0.05;"
           " nonrep mAP: vs other perturbations")
-    print("  NSC: nearest-neighbour MoA accuracy, other compounds only; plate kNN: leave-one-out plate prediction"
-          " of treated wells from other perturbations (lower = less plate effect; chance = 1/plates)")
+    print("  NSC / NSCB: 1-NN MoA accuracy of treatment profiles, neighbours of other compounds (NSCB: also other"
+          " batches); plate kNN: leave-one-out plate prediction of treated wells from other perturbations (lower ="
+          " less plate effect; chance = 1/plates)")
     print("  Z': positive vs negative control wells on a cross-fitted 1-D projection (> 0.5 excellent)")
     if ground_truth is not None and ground_truth.exists():
         print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")

@@ -550,7 +550,7 @@ def test_platemap_join_and_control_mapping(tmp_path: Path) -> None:
     fails(lambda: validate_platemap_join(pm, more, "P1"), "plate=P1", "well=C03",
           "2 well(s) have images but are not in the platemap: C03, H12")
     # bad mappings and a platemap without negative controls
-    fails(lambda: read_platemap(path, "P1", columns={"compound": "Compound"}), "unknown bioembed column(s) ['compound']")
+    fails(lambda: read_platemap(path, "P1", columns={"drug": "Compound"}), "unknown bioembed column(s) ['drug']")
     fails(lambda: read_platemap(path, "P1", columns={"well": "Position"}), "no such column", "plate=P1", "pm.csv")
     fails(lambda: read_platemap(path, "P1", columns={"well": "Well", "perturbation": "Compound", "control_type": "Role"},
                                 controls={"ctrl-": "negatory"}), "control mapping 'ctrl-' -> 'negatory'")
