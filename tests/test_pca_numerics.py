@@ -104,6 +104,16 @@ def test_card_float64_equals_sklearn_on_badly_scaled_features(d: int) -> None:
     assert np.array_equal(model.transform(X, plates), ours)
 
 
+def test_card_preset_is_pca_centerscale_bit_for_bit_on_the_float64_path() -> None:
+    """float32 rows computed in float64, including a plate first seen in transform."""
+    X, plates, ctrl = _badly_scaled(seed=7)
+    X32, fit = X.astype(np.float32), plates != "P4"
+    recipe = Recipe.parse("card").fit(X32[fit], plates[fit], ctrl[fit])
+    model = PCACenterScale().fit(X32[fit], plates[fit], ctrl[fit])
+    assert recipe.steps[0].precision_ == model.precision_ == "float64"
+    assert np.array_equal(recipe.transform(X32, plates, ctrl), model.transform(X32, plates, ctrl))
+
+
 # ------------------------------------------------------------------------------------------------ (b, c) float32 == float64
 
 

@@ -291,11 +291,11 @@ def project_private(A: np.ndarray, mean: np.ndarray, vt: np.ndarray, precision: 
     if rows_dtype(A, precision) == A.dtype:
         return project_in_place(np.subtract(A, mean.astype(A.dtype), out=A), vt)
     Y = np.empty((A.shape[0], vt.shape[0]))
-    vtt = vt.T
+    ct = cast_cached(vt, np.float64, transpose=True)  # as project_in_place: the same products
     for lo in range(0, A.shape[0], _SCATTER_ROWS):
         B = A[lo : lo + _SCATTER_ROWS].astype(np.float64)
         B -= mean
-        np.matmul(B, vtt, out=Y[lo : lo + _SCATTER_ROWS])
+        np.matmul(B, ct, out=Y[lo : lo + _SCATTER_ROWS])
     return Y
 
 

@@ -20,11 +20,11 @@ Component choice (both steps; `normalize.ComponentChoice`): `n_components=<int>|
 `variance=<fraction>` (the fewest components explaining more than it; default 1, no cut) and
 `tol=<float>` (drop eigenvalues <= tol x the largest; default 1e-10: below it an axis of the
 float64 scatter eigendecomposition is no longer accurate to 1e-5, and its component, scaled to
-unit variance, would weigh as much as a real one; 0 keeps all). Specs print
-`variance` and `tol` only when not at their defaults (specs written before they existed read the
-same). The fitted state records the kept count and the bound that set it (`pca`: n_components,
-selection, explained_variance, float32_noise, precision) and the eigenvalues; states saved before
-have no record and keep the float32 path.
+unit variance, would weigh as much as a real one; 0 keeps all). Specs print `variance` and `tol`
+only when not at their defaults (specs written before they existed read the same). The fitted
+state records the kept count and the bound that set it (`pca`: n_components, selection,
+explained_variance, float32_noise, precision) and the eigenvalues; states saved before have no
+record and keep the float32 path.
 
 Precision (both steps): the statistics are float64: means and stds of float32 values, the PCA
 scatter matrix (from float64 blocks of the rows, so the components equal those of a float64 fit of
