@@ -126,5 +126,51 @@ def test_import_cli_reports_a_failed_recipe_with_exit_status_1(tmp_path, capsys)
     assert main(["sql", "--home", str(home), "--csv",
                  "SELECT recipe, status, stage FROM recipe_status ORDER BY recipe"]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == ["mad_batch,ok,evaluate", "raw,ok,evaluate", "singular,failed,fit"]
+    assert main(["sql", "--home", str(home), "--csv", "SELECT recipe, batch_asw > 0, nsc >= 0 FROM batch_vs_biology"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["mad_batch,true,true", "raw,true,true"]
     assert main(args[:-4] + ["--recipe", "mad_batch=mad_robustize(by=batch)", "--crossfit", "1"]) == 2
     assert "crossfit must be" in capsys.readouterr().err
+
+
+def test_the_fixes_the_errors_suggest_work_with_six_controls_per_plate(screen_home) -> None:
+    """`jump` runs (in-sample, said so); a batch-level recipe with tuned sphering cross-fits; a zero MAD on
+    one plate's controls is refused with a suggestion (by=batch) that then works."""
+    home, fs = screen_home
+    recipes = {"jump": "jump", "week": "mad_robustize(by=batch)|sphere(by=batch,reg=auto)"}
+    result = feature_sets.normalize_and_evaluate(home, fs, recipes, null_size=200)
+    assert result.failed == {}
+    assert result.value("jump", "crossfit_folds") == 0 and result.value("week", "crossfit_folds") == 2
+    from bioembed_assets.profiles.recipe import Recipe
+
+    meta, X = feature_sets.load_profiles(home, "well_profiles", fs)
+    plates, batches, ctrl = meta["plate"].to_numpy(), meta["batch"].to_numpy(), feature_sets.is_negative(meta)
+    X = X.copy()
+    X[ctrl & (plates == plates[0]), 0] = 1.0  # feature 0 constant on one plate's 6 controls
+    with pytest.raises(ValueError, match=r"zero MAD on the 6 control rows of plate .*use by=batch"):
+        Recipe.parse("mad").fit(X, plates, ctrl, batches=batches)
+    out = Recipe.parse("mad_robustize(by=batch)").fit_transform(X, plates, ctrl, batches=batches)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.realdata
+def test_nsc_on_the_real_lincs_dose_series_matches_brute_force(tmp_path) -> None:
+    from tests.test_profile_import import LINCS
+
+    if not LINCS.exists():
+        pytest.skip("shared LINCS profiles absent")
+    home = Home(root=tmp_path / "home").ensure()
+    spec = ProfileImportSpec(name="lincs", perturbation_cols=["Metadata_broad_sample", "Metadata_mmoles_per_liter"],
+                             compound_col="Metadata_pert_id", moa_col="Metadata_moa",
+                             negative={"Metadata_broad_sample": ["DMSO"]})
+    imported = import_profiles(home.root, [LINCS], spec)
+    fs = feature_sets.FeatureSetRef(imported.name, imported.version)
+    meta, X = feature_sets.load_profiles(home, "well_profiles", fs)
+    assert meta.filter(pl.col("control_type") == "treatment")["compound"].n_unique() < meta["perturbation"].n_unique()
+    from bioembed_assets.evaluate.knn import nsc
+
+    res = nsc(meta, X)
+    _, hits, match = _brute_force(meta.with_columns(pl.lit("B1").alias("batch")), X, False, "mean")
+    assert res.accuracy == pytest.approx(hits[match].mean()) and res.n_counted == match.sum() > 50
+    # the old definition (another perturbation, i.e. another dose of the same compound, allowed) reads higher
+    loose = nsc(meta.drop("compound"), X)
+    assert loose.accuracy > res.accuracy

@@ -73,7 +73,8 @@ def run(workdir: Path, repeats: int, null_size: int) -> dict:
     return {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "wells": screen.n_compounds * screen.n_doses * screen.replicates + screen.n_plates * screen.controls_per_plate,
             "features": screen.n_features, "recipes": len(RECIPES), "null_size": null_size, **best,
-            "all_4_estimate": round(4 * best["evaluate_one"], 2), "after_3_vs_alone": round(best["after_3"] / best["alone"], 2),
+            "all_4_estimate": round(4 * best["evaluate_one"], 2),
+            "after_3_vs_alone": round(best["after_3"] / best["alone"], 2),
             "runs": {k: [round(x, 2) for x in v] for k, v in cases.items()}}
 
 
@@ -81,7 +82,8 @@ def table(r: dict) -> str:
     return (f"{r['wells']} wells x {r['features']} features, {r['recipes']} recipes, null size {r['null_size']}\n"
             f"  import + evaluate alone:            {r['alone']:7.2f} s\n"
             f"  the same after 3 earlier imports:   {r['after_3']:7.2f} s   ({r['after_3_vs_alone']:.2f}x alone)\n"
-            f"  normalize + evaluate one set:       {r['evaluate_one']:7.2f} s   (re-evaluating all 4: ~{r['all_4_estimate']:.1f} s)")
+            f"  normalize + evaluate one set:       {r['evaluate_one']:7.2f} s   "
+            f"(re-evaluating all 4: ~{r['all_4_estimate']:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> dict:
