@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 import tifffile
 
+from bioembed_assets.config import HOME_ENV_VAR
 from bioembed_assets.images.store import ingest_plate
 from bioembed_assets.schema import well_name
 from bioembed_assets.sources.layouts import FieldFiles
@@ -96,3 +97,11 @@ def materialized_home(tmp_path_factory: pytest.TempPathFactory) -> MaterializedH
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables `bioembed` points at its home, restored after the test."""
+    for var in ("DAGSTER_HOME", HOME_ENV_VAR):
+        monkeypatch.setenv(var, os.environ.get(var, str(tmp_path / "unset")))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))

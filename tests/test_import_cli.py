@@ -4,7 +4,6 @@ and evaluated, with nothing written outside the bioembed home; a lab's image tab
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from bioembed_assets.config import HOME_ENV_VAR
 from bioembed_assets.store.catalog import connect
 from bioembed_assets.store.lake import Lake
 
@@ -45,14 +43,6 @@ def test_import_profiles_cli_normalizes_evaluates_and_writes_only_under_home(tmp
         assert 0 < metrics[(recipe, "replicate_map")] <= 1
         assert 0 <= metrics[(recipe, "moa_map")] <= 1
     assert con.sql("SELECT count(*) FROM replicate_map WHERE encoder = 'lincs' AND kind = 'replicate'").fetchone()[0] > 0
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The variables `bioembed` points at its home, restored after the test."""
-    for var in ("DAGSTER_HOME", HOME_ENV_VAR):
-        monkeypatch.setenv(var, os.environ.get(var, str(tmp_path / "unset")))
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
 
 
 @pytest.mark.usefixtures("cli_env")

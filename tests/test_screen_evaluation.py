@@ -111,6 +111,7 @@ def test_batch_asw_is_scibs_silhouette_batch() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("cli_env")
 def test_import_cli_reports_a_failed_recipe_with_exit_status_1(tmp_path, capsys) -> None:
     from dagster_project.cli import main
 

@@ -3,7 +3,6 @@ non-numbers in feature columns, and per-column costs that grow with the number o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import polars as pl
 import pytest
 
 from bioembed_assets import schema as s
-from bioembed_assets.config import HOME_ENV_VAR
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.sources import profile_table as pt
 from bioembed_assets.sources.profile_table import ProfileImportSpec, import_profiles, load_manifest
@@ -100,14 +98,6 @@ def test_an_import_killed_after_the_lake_swap_can_be_rerun(tmp_path: Path, monke
     assert (folder / "v1.pending").exists() and not (folder / "v1.json").exists()
     assert import_profiles(home, [a], ProfileImportSpec(name="t")).version == "1"
     assert sorted(p.name for p in folder.glob("v*")) == ["v1.json"]  # the marker is gone
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The variables `bioembed` points at its home, restored after the test."""
-    for var in ("DAGSTER_HOME", HOME_ENV_VAR):
-        monkeypatch.setenv(var, os.environ.get(var, str(tmp_path / "unset")))
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
 
 
 @pytest.mark.usefixtures("cli_env")
