@@ -86,7 +86,7 @@ def _lake(built: ExportHome, name: str, version: str, recipe: str = "raw") -> tu
 def test_h5ad_holds_obs_var_x_and_lineage_of_an_import(built: ExportHome, tmp_path: Path) -> None:
     meta, X = _lake(built, "cp", "1")
     out = export_profiles(built.home, "cp", None, "raw", "h5ad", tmp_path / "cp.h5ad")
-    a = ad.read_h5ad(out)  # what scanpy's sc.read_h5ad calls
+    a = ad.read_h5ad(out)
     assert a.shape == (meta.height, N_FEATURES) and a.X.dtype == np.float32
     np.testing.assert_array_equal(a.X, X)
     assert list(a.var_names) == FEATURES
@@ -123,6 +123,21 @@ def test_h5ad_of_a_recipe_has_its_output_features_and_steps(built: ExportHome, t
     rec = a.uns["lineage"]["recipe"]
     assert rec["features_in"] == N_FEATURES and rec["features_out"] == X.shape[1]
     assert rec["fitted_on"]["n_controls"] == (meta[s.CONTROL_TYPE] == "negative").sum()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # scanpy's log fold changes of signed profile features
+def test_scanpy_reads_the_h5ad_and_runs_its_standard_steps(built: ExportHome, tmp_path: Path) -> None:
+    """scanpy itself (not only anndata): read, PCA, neighbours and a per-perturbation rank test."""
+    import scanpy as sc
+
+    a = sc.read_h5ad(export_profiles(built.home, "cp", "1", "raw", "h5ad", tmp_path / "raw.h5ad"))
+    meta, X = _lake(built, "cp", "1", "raw")
+    np.testing.assert_array_equal(a.X, X)
+    sc.pp.pca(a, n_comps=10)
+    sc.pp.neighbors(a, n_neighbors=5, use_rep="X_pca")
+    assert a.obsm["X_pca"].shape == (meta.height, 10) and a.obsp["connectivities"].shape == (meta.height, meta.height)
+    sc.tl.rank_genes_groups(a, groupby="control_type", method="t-test")
+    assert set(a.uns["rank_genes_groups"]["names"].dtype.names) == set(meta[s.CONTROL_TYPE].unique().to_list())
 
 
 def test_parquet_is_a_pycytominer_profile_table(built: ExportHome, tmp_path: Path) -> None:
