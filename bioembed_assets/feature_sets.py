@@ -342,9 +342,10 @@ def _evaluation_stamp(home: Home, fs: FeatureSet) -> Path:
 
 
 def _evaluation_inputs(home: Home, fs: FeatureSet, recipes: Mapping[str, str], **settings: object) -> str:
-    """What an evaluation of the feature set depends on: its well-profile files (name, size, mtime),
-    the recipes and the settings, as one digest."""
-    files = [(str(f.relative_to(home.lake)), f.stat().st_size, f.stat().st_mtime_ns)
+    """What an evaluation of the feature set depends on: the content of its well-profile files (a
+    re-import of unchanged tables rewrites them byte for byte), the recipes and the settings, as one
+    digest. Hashing costs a read of the profiles, small next to normalizing and scoring them."""
+    files = [(str(f.relative_to(home.lake)), hashlib.sha256(f.read_bytes()).hexdigest())
              for f in Lake(home.lake).files("well_profiles") if f"/encoder={fs.name}/version={fs.version}/" in f.as_posix()]
     blob = json.dumps([files, sorted(recipes.items()), sorted((k, str(v)) for k, v in settings.items())])
     return hashlib.sha256(blob.encode()).hexdigest()

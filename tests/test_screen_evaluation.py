@@ -175,3 +175,13 @@ def test_nsc_on_the_real_lincs_dose_series_matches_brute_force(tmp_path) -> None
     # the old definition (another perturbation, i.e. another dose of the same compound, allowed) reads higher
     loose = nsc(meta.drop("compound"), X)
     assert loose.accuracy > res.accuracy
+
+
+def test_a_reimport_of_unchanged_tables_is_not_evaluated_again(tmp_path) -> None:
+    csv = write_screen_csv(tmp_path / "screen.csv", SCREEN)
+    home = Home(root=tmp_path / "home").ensure()
+    imported = import_profiles(home.root, [csv], ProfileImportSpec(**SPEC))
+    fs = feature_sets.FeatureSetRef(imported.name, imported.version)
+    assert feature_sets.normalize_and_evaluate(home, fs, {"mad": "mad"}, null_size=100) is not None
+    assert import_profiles(home.root, [csv], ProfileImportSpec(**SPEC)).version == fs.version  # rewritten
+    assert feature_sets.normalize_and_evaluate(home, fs, {"mad": "mad"}, null_size=100) is None
