@@ -233,7 +233,7 @@ def test_harmony_keeps_tables_per_batch_or_per_plate() -> None:
 # --------------------------------------------------------------------------------------------- the preset
 
 
-JUMP_HARMONY = ("feature_select(nan,variance,on=controls,na_cutoff=0.0,freq_cut=0.05,unique_cut=0.01)"
+JUMP_HARMONY = ("feature_select(nan,variant,on=all,na_cutoff=0.0,coef_var_cut=0.001)"
                 "|mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)"
                 "|inverse_normal(on=all,c=0.375,max_points=2000)"
                 "|feature_select(correlation,blocklist,on=all,corr_threshold=0.9,blocklist=[@default])"
@@ -268,3 +268,36 @@ def test_jump_harmony_preset_runs_end_to_end(tmp_path) -> None:
     assert np.corrcoef(Y.ravel(), Zc.ravel())[0, 1] > 0.99
     recipe.save(tmp_path / "r")
     assert np.array_equal(Recipe.load(tmp_path / "r").transform(X, plates), Y)
+
+
+def test_variant_features_are_the_jump_recipes_rule() -> None:
+    """`feature_select(variant)` keeps exactly the features JUMP's `select_variant_features` keeps:
+    per plate on the negative controls, scipy's unscaled MAD != 0 and |MAD / median| > 1e-3
+    (a zero median counts as 0), intersected over plates."""
+    import pandas as pd
+    from scipy.stats import median_abs_deviation
+
+    rng = np.random.default_rng(5)
+    plates = np.repeat(["P1", "P2", "P3"], 40)
+    ctrl = np.tile(np.arange(40) < 6, 3)
+    X = rng.lognormal(size=(120, 8))
+    X[(plates == "P2") & ctrl, 1] = 3.0  # constant on one plate's 6 controls: MAD 0
+    X[:, 2] = 1000.0 + 1e-4 * rng.normal(size=120)  # |MAD/median| ~ 1e-7
+    X[:, 3] = rng.normal(size=120)
+    X[(plates == "P1") & ctrl, 3] = [-1.0, -0.5, 0.0, 0.0, 0.5, 1.0]  # median exactly 0 on P1's controls
+    names = [f"f{j}" for j in range(8)]
+    frame = pd.DataFrame(X[ctrl], columns=names).assign(plate=plates[ctrl])
+    keep = set(names)
+    for _, block in frame.groupby("plate"):
+        values = block[names].to_numpy()
+        mad = median_abs_deviation(values, axis=0, nan_policy="omit")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            coef = pd.Series(mad / np.median(values, axis=0)).fillna(0).abs().replace(np.inf, 0).to_numpy()
+        keep &= {n for n, m, c in zip(names, mad, coef) if m != 0 and c > 1e-3}
+    recipe = Recipe.parse("feature_select(variant)").fit(X, plates, ctrl, feature_names=names)
+    assert recipe.output_features == [n for n in names if n in keep] == ["f0", "f4", "f5", "f6", "f7"]
+    # so the per-plate MAD of `jump` no longer meets a zero MAD on these 6-control plates
+    with pytest.raises(ValueError, match="zero MAD"):
+        Recipe.parse("mad").fit(X, plates, ctrl, feature_names=names)
+    out = Recipe.parse("feature_select(nan,variant)|mad_robustize").fit_transform(X, plates, ctrl, feature_names=names)
+    assert np.isfinite(out).all() and out.shape[1] == 5

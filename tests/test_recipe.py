@@ -22,8 +22,8 @@ CANONICAL = {
     "tvn": "tvn(by=global,n_components=all,coral=true,lam=0.5)",
     "standardize": "standardize(on=controls,by=plate)",
     "mad": "mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)",
-    "jump": "feature_select(nan,variance,correlation,blocklist,on=all,na_cutoff=0.0,freq_cut=0.05,unique_cut=0.01,"
-            "corr_threshold=0.9,blocklist=[@default])|mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)"
+    "jump": "feature_select(nan,variant,variance,correlation,blocklist,on=all,na_cutoff=0.0,coef_var_cut=0.001,"
+            "freq_cut=0.05,unique_cut=0.01,corr_threshold=0.9,blocklist=[@default])|mad_robustize(on=controls,by=plate,epsilon=1e-18,zero_mad=error)"
             "|sphere(method=zca-cor,on=controls,reg=auto,seed=0)",
     "jump_harmony": JUMP_HARMONY,
 }
@@ -93,7 +93,7 @@ def test_spec_is_canonical_whatever_the_spelling() -> None:
     ("standardize(on=treated)", r"on='treated' must be one of \['controls', 'all'\]"),
     ("standardize(zca)", r"step 'standardize' takes only name=value options, got bare \['zca'\]"),
     ("feature_select(varience)", r"unknown operation\(s\) \['varience'\]; known operations: "
-                                 r"\['nan', 'variance', 'min_variance', 'correlation', 'blocklist'\]"),
+                                 r"\['nan', 'variance', 'min_variance', 'variant', 'correlation', 'blocklist'\]"),
     ("feature_select(nan,freq_cut=0.1)", r"\['freq_cut'\] do not apply.*freq_cut needs operation 'variance'"),
     ("feature_select(nan,nan)", r"listed twice"),
     ("feature_select(blocklist,blocklist=[@jump])", None),  # checked at fit time (below)

@@ -47,11 +47,11 @@ STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (FeatureSelect, Standar
 PRESETS: dict[str, str] = {
     "card": "pca_centerscale",
     "tvn": "tvn",
-    "jump": "feature_select(nan,variance,correlation,blocklist)|mad_robustize(on=controls,by=plate)"
+    "jump": "feature_select(nan,variant,variance,correlation,blocklist)|mad_robustize(on=controls,by=plate)"
             "|sphere(method=zca-cor,on=controls,reg=auto)",
     "standardize": "standardize(on=controls,by=plate)",
     "mad": "mad_robustize(on=controls,by=plate)",
-    "jump_harmony": "feature_select(nan,variance,on=controls)|mad_robustize(on=controls,by=plate)|inverse_normal"
+    "jump_harmony": "feature_select(nan,variant)|mad_robustize(on=controls,by=plate)|inverse_normal"
                     "|feature_select(correlation,blocklist)|harmony(by=batch)",
 }
 _JSON, _NPZ, _FORMAT = "recipe.json", "arrays.npz", 1

@@ -12,6 +12,11 @@ does); statistics come from the fit rows (`on=all`, default, or `on=controls`):
   dropped when below `unique_cut`.
 - `min_variance`: drop features whose population variance (NaN ignored) is <= `min_variance`
   (pycytominer 1.7's `variance_threshold`).
+- `variant`: keep only features that vary on the negative controls of every plate, as the JUMP
+  recipe's `var` step (`select_variant_features`): on each plate's control rows, MAD (unscaled,
+  NaN ignored) != 0 and |MAD / median| > `coef_var_cut` (1e-3; a zero median counts as 0, so the
+  feature is dropped). Plates without control rows among the fit rows are skipped. This is what keeps
+  a per-plate `mad_robustize` from dividing by a zero MAD on few controls.
 - `correlation`: Pearson correlation matrix of the features (pairwise-complete rows when NaN are
   present, as pandas); every feature gets the sum of its absolute correlations; for every pair
   with correlation (signed) above `corr_threshold`, the member with the larger sum is dropped,
@@ -26,6 +31,7 @@ kept columns; the next numeric step rejects it, naming the row and feature).
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -34,9 +40,9 @@ import numpy as np
 
 from bioembed_assets.profiles.steps import FitData, Opt, Step, choice_opt, float_opt, list_opt
 
-OPS = ("nan", "variance", "min_variance", "correlation", "blocklist")
+OPS = ("nan", "variance", "min_variance", "variant", "correlation", "blocklist")
 _OP_OPTIONS = {"nan": ("na_cutoff",), "variance": ("freq_cut", "unique_cut"), "min_variance": ("min_variance",),
-               "correlation": ("corr_threshold",), "blocklist": ("blocklist",)}
+               "variant": ("coef_var_cut",), "correlation": ("corr_threshold",), "blocklist": ("blocklist",)}
 _BLOCKLIST_FILE = Path(__file__).with_name("default_blocklist.txt")
 _COLUMN_BLOCK = 64  # columns sorted at a time by the variance operation
 
@@ -106,6 +112,21 @@ def frequency_stats(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ratio, n_unique
 
 
+def invariant_on_controls(Z: np.ndarray, plate: np.ndarray, control: np.ndarray, cut: float) -> np.ndarray:
+    """Columns that some plate's control rows leave (nearly) constant: MAD == 0 or |MAD / median| <= cut
+    (a zero median: ratio 0), MAD unscaled, NaN ignored (the JUMP recipe's variant-feature rule)."""
+    drop = np.zeros(Z.shape[1], dtype=bool)
+    for g in np.unique(plate[control]):
+        C = np.asarray(Z[control & (plate == g)], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN statistics, dropped below
+            med = np.nanmedian(C, axis=0)
+            mad = np.nanmedian(np.abs(C - med), axis=0)
+            ratio = np.nan_to_num(np.abs(mad / med), nan=0.0, posinf=0.0)
+        drop |= ~(mad != 0) | ~(ratio > cut)
+    return drop
+
+
 def pearson(Z: np.ndarray) -> np.ndarray:
     """Pearson correlation matrix of the columns; pairwise-complete rows when NaN are present;
     NaN for pairs without variance."""
@@ -155,6 +176,7 @@ class FeatureSelect(Step):
         float_opt("freq_cut", 0.05, lo=0.0, hi=1.0, help="variance: minimum 2nd/1st most common value count ratio"),
         float_opt("unique_cut", 0.01, lo=0.0, hi=1.0, help="variance: minimum distinct values / rows"),
         float_opt("min_variance", 1e-6, lo=0.0, help="min_variance: drop features with variance <= this"),
+        float_opt("coef_var_cut", 1e-3, lo=0.0, help="variant: minimum |MAD / median| on every plate's controls"),
         float_opt("corr_threshold", 0.9, lo=0.0, hi=1.0, help="correlation: drop one of each pair above this"),
         list_opt("blocklist", ("@default",), help="blocklist: feature names to drop; @default = packaged list"),
     )
@@ -209,6 +231,8 @@ class FeatureSelect(Step):
                 drop = (ratio < o["freq_cut"]) | (n_unique / max(Z.shape[0], 1) < o["unique_cut"])
             elif op == "min_variance":
                 drop = ~(nan_variance(sub) > o["min_variance"])
+            elif op == "variant":
+                drop = invariant_on_controls(sub, data.batch, data.control, o["coef_var_cut"])
             elif op == "correlation":
                 drop = np.zeros(keep.size, dtype=bool)
                 drop[correlated_to_drop(pearson(sub), o["corr_threshold"])] = True
