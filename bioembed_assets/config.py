@@ -168,6 +168,8 @@ class RunConfig(BaseModel):
     batches: dict[str, str] = Field(default_factory=dict)
     """Plate -> batch (e.g. its week): the `batch` of the plate's wells, overriding a platemap `batch` column.
     Plates without one are their own batch. Steps with `by=batch` and NSCB / batch metrics use it."""
+    nsc_aggregate: Literal["mean", "median"] = "mean"
+    """How NSC / NSCB build a treatment's profile from its replicate wells."""
     crossfit: Literal["auto", "off"] | Annotated[int, Field(ge=2)] = "auto"
     """How a recipe's replicate mAP is cross-fitted: auto (2 folds when every plate keeps 4 controls per
     fold, else in-sample), off (in-sample) or a fold count (see README: Cross-fitting)."""

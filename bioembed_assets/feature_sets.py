@@ -23,7 +23,7 @@ from bioembed_assets import schema as s
 from bioembed_assets.config import Home
 from bioembed_assets.evaluate.batch import batch_asw, batch_effect_scores
 from bioembed_assets.evaluate.crossfit import CrossFit, cross_fitted_replicate_map, plan_crossfit
-from bioembed_assets.evaluate.knn import nsc, nscb
+from bioembed_assets.evaluate.knn import NscAggregate, nsc, nscb
 from bioembed_assets.evaluate.pairs import UnpairedError, nonreplicate_average_precision
 from bioembed_assets.evaluate.plots import embedding_map_png, map_vs_pvalue_png
 from bioembed_assets.evaluate.relationships import known_relationship_recall
@@ -202,7 +202,8 @@ def batch_effect_metrics(meta: pl.DataFrame, X: np.ndarray) -> dict[str, float]:
 
 
 def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null_size: int, seed: int,
-                      relationships: pl.DataFrame | None) -> tuple[dict[str, float], dict[str, pl.DataFrame]]:
+                      relationships: pl.DataFrame | None,
+                      nsc_aggregate: NscAggregate = "mean") -> tuple[dict[str, float], dict[str, pl.DataFrame]]:
     """Every metric but the (possibly cross-fitted) activity mAP: non-replicate mAP, MoA mAP, NSC/NSCB,
     known-relationship recall, plate and batch effect and Z' (NaN where the design does not allow one)."""
     negative = is_negative(meta)
@@ -224,7 +225,7 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
         moa = moa_map(meta, X, null_size=null_size, seed=seed)
         tables["moa"] = moa
         scalars |= {"moa_map": moa["mean_average_precision"].mean(), "moa_fraction_retrieved": fraction_retrieved(moa)}
-        scalars |= _nearest_neighbour_metrics(meta, X)
+        scalars |= _nearest_neighbour_metrics(meta, X, nsc_aggregate)
     pairs = relationships if relationships is not None else (moa_relationships(meta) if has_moa else None)
     n_perts = treated_meta[s.PERTURBATION].n_unique()
     if pairs is not None and pairs.height and n_perts >= 20:
@@ -237,14 +238,14 @@ def _retrieval_tables(meta: pl.DataFrame, X: np.ndarray, rep: pl.DataFrame, null
     return scalars, tables
 
 
-def _nearest_neighbour_metrics(meta: pl.DataFrame, X: np.ndarray) -> dict[str, float]:
+def _nearest_neighbour_metrics(meta: pl.DataFrame, X: np.ndarray, aggregate: NscAggregate) -> dict[str, float]:
     """NSC and NSCB accuracy (mean over treatments) and how many treatments each counts."""
     out = {}
     for key, fn in (("nsc", nsc), ("nscb", nscb)):
         if key == "nscb" and np.unique(design.batches(meta)).size < 2:
             out |= {"nscb_accuracy": float("nan"), "nscb_treatments": 0.0}
             continue
-        res = fn(meta, X)
+        res = fn(meta, X, aggregate=aggregate)
         out |= {f"{key}_accuracy": res.accuracy, f"{key}_treatments": float(res.n_counted)}
     return out
 
@@ -255,7 +256,7 @@ def _per_plate_steps(recipe: Recipe) -> bool:
 
 def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES,
                          null_size: int = 10000, seed: int = 0, relationships: pl.DataFrame | None = None,
-                         crossfit: CrossFit = "auto") -> Evaluation:
+                         crossfit: CrossFit = "auto", nsc_aggregate: NscAggregate = "mean") -> Evaluation:
     """Score the raw profiles and each recipe's normalized profiles with the same metrics; stored in
     the `metrics` (scalars), `replicate_map` (per group: kind replicate / nonrep / moa) and
     `recipe_status` (ok / failed with the error, per recipe) tables.
@@ -264,7 +265,8 @@ def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] 
       it is cross-fitted (`evaluate.crossfit`, `crossfit`: auto | off | folds; `crossfit_folds` records
       the folds used, 0 = in-sample): negatives are never controls the recipe was fitted on;
     - replicate mAP vs non-replicates (other treated perturbations);
-    - MoA mAP, NSC and NSCB nearest-neighbour MoA accuracy (when MoAs are annotated; `evaluate.knn`);
+    - MoA mAP, NSC and NSCB nearest-neighbour MoA accuracy (when MoAs are annotated; `evaluate.knn`;
+      treatment profiles are the `nsc_aggregate` (mean or median) of their wells);
     - known-relationship recall (EFAAR) of `relationships` (default: perturbation pairs sharing a MoA);
     - plate and batch effect (`batch_effect_metrics`) and control Z'.
     Raw metrics leave out feature columns with NaN/inf (counted as `features_skipped_non_finite`).
@@ -301,7 +303,7 @@ def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] 
                     design.with_design(raw_meta), raw_X,
                     lambda spec=spec: _CrossFitRecipe(spec, names, raw_meta), fold_col=plan.deal_by,
                     n_folds=n_folds, null_size=null_size, seed=seed)
-            scalars, tables = _retrieval_tables(meta, X, rep, null_size, seed, relationships)
+            scalars, tables = _retrieval_tables(meta, X, rep, null_size, seed, relationships, nsc_aggregate)
             scalars["crossfit_folds"] = float(n_folds)
             if recipe == RAW_RECIPE:
                 scalars["features_skipped_non_finite"] = float((~finite).sum())
@@ -328,8 +330,9 @@ def evaluate_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] 
     group_df = (pl.concat(groups) if groups else pl.DataFrame(schema={
         s.RECIPE: pl.Utf8, "kind": pl.Utf8, "group": pl.Utf8, "mean_average_precision": pl.Float64,
         "p_value": pl.Float64, "corrected_p_value": pl.Float64, "below_corrected_p": pl.Boolean})).with_columns(ident)
+    settings = json.dumps({"crossfit": crossfit, "nsc_aggregate": nsc_aggregate, "null_size": null_size, "seed": seed})
     status_df = pl.DataFrame(status, schema=[s.RECIPE, "recipe_steps", "status", "stage", "error", "crossfit"],
-                             orient="row").with_columns(ident)
+                             orient="row").with_columns(*ident, pl.lit(settings).alias("settings"))
     lake = Lake(home.lake)
     lake.write("metrics", metrics, encoder=fs.name, version=fs.version)
     lake.write("replicate_map", group_df, encoder=fs.name, version=fs.version)
@@ -352,16 +355,17 @@ def _evaluation_inputs(home: Home, fs: FeatureSet, recipes: Mapping[str, str], *
 
 
 def normalize_and_evaluate(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES,
-                           null_size: int = 10000, crossfit: CrossFit = "auto") -> Evaluation | None:
+                           null_size: int = 10000, crossfit: CrossFit = "auto",
+                           nsc_aggregate: NscAggregate = "mean") -> Evaluation | None:
     """`normalize_feature_set` then `evaluate_feature_set`, skipped (None) when neither the feature
     set's profiles, nor the recipes, nor the settings changed since its last evaluation, so adding
     one import to a home does not recompute every earlier one."""
-    digest = _evaluation_inputs(home, fs, recipes, null_size=null_size, crossfit=crossfit)
+    digest = _evaluation_inputs(home, fs, recipes, null_size=null_size, crossfit=crossfit, nsc_aggregate=nsc_aggregate)
     stamp = _evaluation_stamp(home, fs)
     if stamp.exists() and json.loads(stamp.read_text()) == {"inputs": digest, "failed": {}}:
         return None  # a failed recipe is retried on every run
     normalize_feature_set(home, fs, recipes)
-    result = evaluate_feature_set(home, fs, recipes, null_size=null_size, crossfit=crossfit)
+    result = evaluate_feature_set(home, fs, recipes, null_size=null_size, crossfit=crossfit, nsc_aggregate=nsc_aggregate)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(stamp) as tmp:
         tmp.write_text(json.dumps({"inputs": digest, "failed": result.failed}))

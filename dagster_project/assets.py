@@ -142,6 +142,8 @@ class ProfileImportConfig(dg.Config):
     recipes: dict[str, str] = {"card": "card"}
     crossfit: str = "auto"
     """How each recipe's replicate mAP is cross-fitted: auto, off or a number of folds (README: Evaluation metrics)."""
+    nsc_aggregate: Literal["mean", "median"] = "mean"
+    """How NSC / NSCB build a treatment's profile from its replicate wells."""
 
 
 def _import_row(result: ImportedFeatureSet) -> tuple:
@@ -162,11 +164,13 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
     if config.name or config.files:
         if not (config.name and config.files):
             raise ValueError("an import needs both `name` and `files`")
-        spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes", "crossfit"}))
-        new = SavedImport(spec=spec, files=config.files, recipes=config.recipes, crossfit=parse_crossfit(config.crossfit))
+        spec = ProfileImportSpec(**config.model_dump(exclude={"files", "recipes", "crossfit", "nsc_aggregate"}))
+        new = SavedImport(spec=spec, files=config.files, recipes=config.recipes, crossfit=parse_crossfit(config.crossfit),
+                          nsc_aggregate=config.nsc_aggregate)
         result = import_profiles(root, new.files, new.spec)  # every check runs before anything is written
         save_import(root, new)  # registered only once it imported
-        done.append({"name": result.name, "version": result.version, "recipes": new.recipes, "crossfit": new.crossfit})
+        done.append({"name": result.name, "version": result.version, "recipes": new.recipes, "crossfit": new.crossfit,
+                     "nsc_aggregate": new.nsc_aggregate})
         rows.append(_import_row(result))
     else:
         for saved in saved_imports(root, errors=failed):
@@ -177,7 +181,7 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
                 context.log.error(f"import {saved.spec.name!r} failed: {failed[saved.spec.name]}")
                 continue
             done.append({"name": result.name, "version": result.version, "recipes": saved.recipes,
-                         "crossfit": saved.crossfit})
+                         "crossfit": saved.crossfit, "nsc_aggregate": saved.nsc_aggregate})
             rows.append(_import_row(result))
     rows += [(name, None, None, None, None, None, None, error) for name, error in sorted(failed.items())]
     table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features",
@@ -201,7 +205,8 @@ def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: li
     for imported in imported_profiles:
         fs = feature_sets.FeatureSetRef(imported["name"], imported["version"])
         result = feature_sets.normalize_and_evaluate(home, fs, imported["recipes"], null_size=bioembed.null_size,
-                                                     crossfit=imported.get("crossfit", "auto"))
+                                                     crossfit=imported.get("crossfit", "auto"),
+                                                     nsc_aggregate=imported.get("nsc_aggregate", "mean"))
         if result is None:  # profiles, recipes and settings as at its last evaluation: nothing to recompute
             unchanged.append(f"{fs.name} v{fs.version}")
             continue

@@ -142,7 +142,7 @@ def _import_profiles(args: argparse.Namespace) -> int:
               "metadata_prefixes": list(dict.fromkeys(["Metadata_", *args.metadata_prefix])),
               "metadata_cols": names(args.metadata_cols), "metadata_files": [str(Path(f).resolve()) for f in args.metadata],
               "metadata_on": names(args.on), "non_numeric": args.non_numeric, "recipes": recipes}
-    config["crossfit"] = args.crossfit
+    config |= {"crossfit": args.crossfit, "nsc_aggregate": args.nsc_aggregate}
     home, imported, failure = import_with_dagster(args.home, config, null_size=args.null_size)
     print(f"Imported feature set {imported['name']} v{imported['version']} into {home.lake}")
     print(_import_summary(load_manifest(home.root, imported["name"], imported["version"])))
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--crossfit", default="auto", help="how a recipe's replicate mAP is cross-fitted: auto (2 folds "
                      "when each plate keeps 4 controls per fold, else in-sample), off, or a number of folds (README: "
                      "Evaluation metrics)")
+    imp.add_argument("--nsc-aggregate", choices=["mean", "median"], default="mean",
+                     help="NSC / NSCB treatment profiles: mean (default) or median of the replicate wells")
     imp.set_defaults(func=_import_profiles)
     sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only); prints every row")
     sql.add_argument("query")

@@ -109,7 +109,8 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         for name in names:
             version = bioembed.champion(name)
             result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=bioembed.null_size,
-                                                       crossfit=bioembed.run_config().crossfit)
+                                                       crossfit=bioembed.run_config().crossfit,
+                                                       nsc_aggregate=bioembed.run_config().nsc_aggregate)
             registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
                                            for r in result.metrics.iter_rows(named=True)})
             plates_ = challenger_lib.evaluation_plates(home, version)

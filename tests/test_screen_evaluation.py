@@ -185,3 +185,16 @@ def test_a_reimport_of_unchanged_tables_is_not_evaluated_again(tmp_path) -> None
     assert feature_sets.normalize_and_evaluate(home, fs, {"mad": "mad"}, null_size=100) is not None
     assert import_profiles(home.root, [csv], ProfileImportSpec(**SPEC)).version == fs.version  # rewritten
     assert feature_sets.normalize_and_evaluate(home, fs, {"mad": "mad"}, null_size=100) is None
+
+
+def test_nsc_aggregate_is_chosen_and_recorded(screen_home) -> None:
+    home, fs = screen_home
+    result = feature_sets.evaluate_feature_set(home, fs, {}, null_size=100, nsc_aggregate="median")
+    meta, X = feature_sets.load_profiles(home, "well_profiles", fs)
+    _, hits, match = _brute_force(meta, X, False, "median")
+    assert result.value("raw", "nsc_accuracy") == pytest.approx(hits[match].mean())
+    status = feature_sets.Lake(home.lake).read("recipe_status", encoder=fs.name, version=fs.version)
+    import json
+
+    assert json.loads(status["settings"][0]) == {"crossfit": "auto", "nsc_aggregate": "median", "null_size": 100,
+                                                 "seed": 0}

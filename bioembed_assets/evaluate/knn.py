@@ -35,6 +35,8 @@ from bioembed_assets.profiles.aggregate import aggregate_to_wells
 from bioembed_assets.schema import BATCH, COMPOUND, CONTROL_TYPE, MOA, PERTURBATION, PLATE, ControlType
 
 _BLOCK_ELEMS = 1 << 22
+NscAggregate = Literal["mean", "median"]
+"""How a treatment's replicate wells make its profile."""
 
 
 @dataclass(frozen=True)

@@ -698,6 +698,8 @@ class SavedImport(BaseModel):
     recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
     crossfit: Literal["auto", "off"] | int = "auto"
     """How each recipe's replicate mAP is cross-fitted (`evaluate.crossfit.plan_crossfit`)."""
+    nsc_aggregate: Literal["mean", "median"] = "mean"
+    """How NSC / NSCB build a treatment's profile from its wells."""
 
 
 def save_import(home_root: str | Path, saved: SavedImport) -> Path:

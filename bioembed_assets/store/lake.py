@@ -62,7 +62,8 @@ LAKE_TABLES: dict[str, LakeTable] = {
            kind=pl.Utf8, group=pl.Utf8, mean_average_precision=pl.Float64, p_value=pl.Float64,
            corrected_p_value=pl.Float64, below_corrected_p=pl.Boolean),
         _t("recipe_status", _VERSIONED, encoder=pl.Utf8, encoder_version=pl.Utf8, recipe=pl.Utf8,
-           recipe_steps=pl.Utf8, status=pl.Utf8, stage=pl.Utf8, error=pl.Utf8, crossfit=pl.Utf8),
+           recipe_steps=pl.Utf8, status=pl.Utf8, stage=pl.Utf8, error=pl.Utf8, crossfit=pl.Utf8,
+           settings=pl.Utf8),
     )
 }
 
