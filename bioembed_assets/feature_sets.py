@@ -143,6 +143,16 @@ def failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def fit_or_discard(home: Home, fs: FeatureSet, recipe: str, spec: str | None = None) -> dict:
+    """`fit_normalizer`, or, when the fit fails, `discard_recipe` and `{"error": ...}` (one bad recipe,
+    e.g. too few controls for its steps, must not stop the others)."""
+    try:
+        return fit_normalizer(home, fs, recipe, spec)
+    except Exception as exc:
+        discard_recipe(home, fs, recipe, failure(exc))
+        return {"recipe": recipe, "steps": spec or recipe, "error": failure(exc)}
+
+
 def normalize_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str] = DEFAULT_RECIPES) -> dict[str, dict]:
     """Fit every recipe and normalize every plate of the feature set. A recipe that fails is
     discarded and reported (`{"error": ...}`) without stopping the others."""
@@ -150,11 +160,13 @@ def normalize_feature_set(home: Home, fs: FeatureSet, recipes: Mapping[str, str]
                                                                     version=fs.version)})
     out: dict[str, dict] = {}
     for name, spec in recipes.items():
+        out[name] = fit_or_discard(home, fs, name, spec)
+        if "error" in out[name]:
+            continue
         try:
-            out[name] = fit_normalizer(home, fs, name, spec)
             for plate in plates:
                 normalize_plate(home, plate, fs, name)
-        except Exception as exc:  # one bad recipe (e.g. too few controls for its steps) must not stop the others
+        except Exception as exc:  # e.g. a plate the fitted recipe cannot transform: the recipe fails alone
             discard_recipe(home, fs, name, failure(exc))
             out[name] = {"recipe": name, "steps": spec, "error": failure(exc)}
     return out

@@ -177,7 +177,7 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
             try:
                 result = import_profiles(root, saved.files, saved.spec)
             except Exception as exc:  # one broken import (a file changed or gone) must not stop the others
-                failed[saved.spec.name] = f"{type(exc).__name__}: {exc}"
+                failed[saved.spec.name] = feature_sets.failure(exc)
                 context.log.error(f"import {saved.spec.name!r} failed: {failed[saved.spec.name]}")
                 continue
             done.append({"name": result.name, "version": result.version, "recipes": saved.recipes,

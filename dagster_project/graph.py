@@ -69,12 +69,10 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         for name in names:
             version = bioembed.champion(name)
             for recipe, spec in recipes.items():
-                try:
-                    summary = feature_sets.fit_normalizer(home, version, recipe, spec)
-                except Exception as exc:  # recorded; the evaluation reports it and fails the run at the end
-                    feature_sets.discard_recipe(home, version, recipe, feature_sets.failure(exc))
-                    meta[f"{name}/{recipe}"] = f"v{version.version} FAILED: {feature_sets.failure(exc)}"
-                    context.log.error(f"{name} v{version.version} recipe {recipe!r} failed: {feature_sets.failure(exc)}")
+                summary = feature_sets.fit_or_discard(home, version, recipe, spec)
+                if "error" in summary:  # recorded; the evaluation reports it and fails the run at the end
+                    meta[f"{name}/{recipe}"] = f"v{version.version} FAILED: {summary['error']}"
+                    context.log.error(f"{name} v{version.version} recipe {recipe!r} failed: {summary['error']}")
                     continue
                 meta[f"{name}/{recipe}"] = (f"v{version.version} {summary['steps']}: {summary['control_wells']} control "
                                             f"wells on {summary['plates']} plates, {summary['features_out']} features out")
