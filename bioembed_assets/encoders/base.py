@@ -88,8 +88,14 @@ def register_family(name: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
 
 
 def _import_families() -> None:
-    # Importing the family modules runs their @register_family decorators.
-    from bioembed_assets.encoders import autoencoder, camae, classical, supervised  # noqa: F401
+    """Import every module of the `encoders` package: that runs their @register_family decorators."""
+    import importlib
+    import pkgutil
+
+    import bioembed_assets.encoders as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def list_families() -> list[str]:
