@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -163,6 +163,11 @@ class RunConfig(BaseModel):
     """Zero the pixels of other cells inside each crop (as SubCell expects)."""
     tile_size: int = 256
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
+    """Encoders to embed with: names from `bioembed encoders` (e.g. classical, ca_mae, vqvae, subcell,
+    shape_embed) or `timm:<model_name>` for any timm backbone."""
+    encoder_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per encoder name, constructor settings over its defaults, used when its version 1 is registered
+    (e.g. `[encoder_options.subcell] encoder_checkpoint = "/models/subcell.pth"`)."""
     recipes: dict[str, str] = Field(default_factory=lambda: {"card": "card"})
     """Normalization recipes to fit and evaluate: name -> preset name or step string (see README)."""
     batches: dict[str, str] = Field(default_factory=dict)

@@ -70,9 +70,14 @@ def load_profiles(home: Home, table: str, fs: FeatureSet, **keys: str) -> tuple[
 
 
 def feature_names(home: Home, fs: FeatureSet, n_features: int) -> list[str]:
-    """Column names of an imported set (its manifest), else `<name>_<i>` for embedding dimensions."""
+    """Column names of an imported set (its manifest), else the names the encoder gave its embedding
+    (lake table `feature_names`, e.g. CellProfiler's for the classical encoder), else `<name>_<i>`."""
     if (feature_set_dir(home.root, fs.name) / f"v{fs.version}.json").exists():
         return list(load_manifest(home.root, fs.name, fs.version)["features"])
+    named = (Lake(home.lake).read("feature_names", encoder=fs.name, version=fs.version)
+             .filter(pl.col("output") == "features").sort("feature_index"))
+    if named.height == n_features:
+        return named["feature"].to_list()
     return [f"{fs.name}_{i}" for i in range(n_features)]
 
 

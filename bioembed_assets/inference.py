@@ -65,6 +65,23 @@ def _batches(images: zarr.Array, masks: zarr.Array, channels: list[int],
         yield images[start:stop][:, channels], masks[start:stop]
 
 
+def encoder_outputs(encoder: Encoder) -> dict[str, list[str]]:
+    """The per-cell side outputs an encoder produces beside its embedding: key -> column names ({} if none)."""
+    return dict(getattr(encoder, "output_names", None) or {})
+
+
+def encoder_feature_names(encoder: Encoder) -> list[str] | None:
+    """The names of the embedding's columns, if the encoder names them (checked against its width)."""
+    names = getattr(encoder, "feature_names", None)
+    if names is None:
+        return None
+    names = [str(n) for n in names]
+    if len(names) != encoder.spec.embedding_dim or len(set(names)) != len(names):
+        raise ValueError(f"encoder {encoder.spec.family}: {len(names)} feature names ({len(set(names))} distinct) "
+                         f"for an embedding of {encoder.spec.embedding_dim}")
+    return names
+
+
 def embed_crop_store(
     encoder: Encoder,
     crops_path: str | Path,
@@ -76,12 +93,25 @@ def embed_crop_store(
 
     The store holds `images` (N, C, S, S), `masks` (N, S, S) and attrs `channels`.
     """
+    return embed_crop_store_with_outputs(encoder, crops_path, batch_size=batch_size, progress=progress)[0]
+
+
+def embed_crop_store_with_outputs(
+    encoder: Encoder,
+    crops_path: str | Path,
+    *,
+    batch_size: int = 256,
+    progress: ProgressCallback | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """As `embed_crop_store`, plus the encoder's side outputs (`encoder_outputs`): key -> float32 (N, K)."""
     group = zarr.open_group(str(crops_path), mode="r")
     images, masks = group["images"], group["masks"]
     spec = encoder.spec
     channels = channel_indices(group.attrs["channels"], spec.channels, f"crop store {crops_path}")
+    names = encoder_outputs(encoder)
     n = images.shape[0]
     outputs: list[np.ndarray] = []
+    extras: dict[str, list[np.ndarray]] = {key: [] for key in names}
     done = 0
     batches = _batches(images, masks, channels, batch_size)
     with ThreadPoolExecutor(max_workers=1) as reader:
@@ -89,7 +119,17 @@ def embed_crop_store(
         while (batch := pending.result()) is not None:
             pending = reader.submit(next, batches, None)
             imgs, msks = resize_crops(*batch, spec.input_size)
-            emb = np.asarray(encoder.embed(imgs, msks), dtype=np.float32)
+            if names:
+                emb, side = encoder.embed_with_outputs(imgs, msks)  # type: ignore[attr-defined]
+                for key, columns in names.items():
+                    values = np.asarray(side[key], dtype=np.float32)
+                    if values.shape != (imgs.shape[0], len(columns)):
+                        raise RuntimeError(f"encoder {spec.family} output {key!r} has shape {values.shape}, "
+                                           f"expected ({imgs.shape[0]}, {len(columns)})")
+                    extras[key].append(values)
+            else:
+                emb = encoder.embed(imgs, msks)
+            emb = np.asarray(emb, dtype=np.float32)
             if emb.ndim != 2 or emb.shape[0] != imgs.shape[0]:
                 raise RuntimeError(f"encoder {spec.family} returned shape {emb.shape} "
                                    f"for a batch of {imgs.shape[0]} crops")
@@ -97,6 +137,8 @@ def embed_crop_store(
             done += imgs.shape[0]
             if progress is not None:
                 progress(done, n)
+    side_outputs = {key: (np.concatenate(parts) if parts else np.zeros((0, len(names[key])), np.float32))
+                    for key, parts in extras.items()}
     if not outputs:
-        return np.zeros((0, spec.embedding_dim), dtype=np.float32)
-    return np.concatenate(outputs)
+        return np.zeros((0, spec.embedding_dim), dtype=np.float32), side_outputs
+    return np.concatenate(outputs), side_outputs

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,12 @@ from bioembed_assets.images.illumination import correct_plate_store, estimate_il
 from bioembed_assets.images.plots import plate_heatmap_png
 from bioembed_assets.images.qc import site_qc
 from bioembed_assets.images.store import ingest_plate
-from bioembed_assets.inference import ProgressCallback, embed_crop_store
+from bioembed_assets.inference import (
+    ProgressCallback,
+    embed_crop_store_with_outputs,
+    encoder_feature_names,
+    encoder_outputs,
+)
 from bioembed_assets.profiles.aggregate import aggregate_to_wells
 from bioembed_assets.registry import EncoderVersion
 from bioembed_assets.segment.crops import extract_crops, extract_tiles
@@ -59,14 +66,18 @@ class EncoderSetup:
     def trainable(self) -> bool:
         return self.family in TRAINABLE_FAMILIES
 
-    def build(self, channels: Sequence[str] | None = None) -> Encoder:
+    def build(self, channels: Sequence[str] | None = None, options: Mapping[str, Any] | None = None) -> Encoder:
+        """Version 1 of this encoder: its config, the run's channels (if it takes them), then `options`."""
         config = dict(self.config)
         if self.takes_channels and channels is not None:
             config["channels"] = list(channels)
+        config.update(options or {})
         return build_encoder(self.family, **config)
 
 
-TRAINABLE_FAMILIES = frozenset({"ca_mae", "ae", "vae", "supervised_cnn"})
+TRAINABLE_FAMILIES = frozenset({"ca_mae", "ae", "vae", "beta_vae", "vqvae", "mae", "supervised_cnn", "timm",
+                                "shape_embed"})
+TIMM_PREFIX = "timm:"
 
 DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
     EncoderSetup("classical", "classical", {},
@@ -253,15 +264,37 @@ def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersio
     if reuse and (existing := _reusable_embeddings(home, plate, version, cells)) is not None:
         return {"cells": existing.height, "dim": int(len(existing[s.FEATURES][0])), "reused": True,
                 "nan_rows": int(np.isnan(features_to_numpy(existing)).any(1).sum())}
-    X = embed_crop_store(encoder, home.crop_store(plate), batch_size=batch_size, progress=progress)
+    t0 = time.perf_counter()
+    X, side = embed_crop_store_with_outputs(encoder, home.crop_store(plate), batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - t0
     if X.shape[0] != cells.height:
         raise RuntimeError(f"plate {plate}: {X.shape[0]} embeddings for {cells.height} cells")
+    keys = dict(encoder=version.name, version=version.version)
     meta = cells.select(s.PLATE, s.WELL, s.SITE, s.CELL_ID).with_columns(
         pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION))
-    lake.write("embeddings", with_features(meta, X), encoder=version.name, version=version.version,
-               plate=plate)
+    write_feature_names(lake, encoder, version)
+    if side:  # side outputs first: the embeddings partition is what marks the plate as embedded
+        lake.write("cell_outputs", pl.concat([with_features(meta.with_columns(pl.lit(key).alias("output")), values,
+                                                            column="values") for key, values in side.items()]),
+                   **keys, plate=plate)
+    lake.write("embeddings", with_features(meta, X), **keys, plate=plate)
+    lake.write("embedding_stats", pl.DataFrame({
+        s.PLATE: [plate], s.ENCODER: [version.name], s.ENCODER_VERSION: [version.version], "cells": [X.shape[0]],
+        "seconds": [seconds], "crops_per_second": [X.shape[0] / seconds if seconds > 0 else float("nan")],
+        "device": [str(getattr(encoder, "device", "cpu"))], "batch_size": [batch_size]}), **keys, plate=plate)
     return {"cells": int(X.shape[0]), "dim": int(X.shape[1]), "reused": False,
-            "nan_rows": int(np.isnan(X).any(1).sum())}
+            "nan_rows": int(np.isnan(X).any(1).sum()), "crops_per_second": round(X.shape[0] / max(seconds, 1e-9), 1)}
+
+
+def write_feature_names(lake: Lake, encoder: Encoder, version: EncoderVersion) -> None:
+    """Record the names of the version's embedding columns and side outputs (if the encoder names them)."""
+    named = {"features": encoder_feature_names(encoder), **encoder_outputs(encoder)}
+    rows = [(key, i, name) for key, names in named.items() if names for i, name in enumerate(names)]
+    if not rows:
+        return
+    lake.write("feature_names", pl.DataFrame(rows, schema=["output", "feature_index", "feature"], orient="row")
+               .with_columns(pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION)),
+               encoder=version.name, version=version.version)
 
 
 def _reusable_embeddings(home: Home, plate: str, version: EncoderVersion, cells: pl.DataFrame) -> pl.DataFrame | None:
@@ -314,11 +347,30 @@ def _require(df: pl.DataFrame, table: str, plate: str, asset: str) -> None:
         raise LookupError(f"plate {plate}: no {table} rows; materialize `{asset}` for this plate first")
 
 
+def timm_setup(name: str) -> EncoderSetup:
+    """The setup of `timm:<model_name>`: registered as `timm_<model_name>` (non-alphanumerics -> `_`)."""
+    model = name[len(TIMM_PREFIX):]
+    if not model:
+        raise KeyError(f"{name!r}: name a timm model after 'timm:', e.g. timm:resnet18")
+    registered = "timm_" + re.sub(r"[^A-Za-z0-9_]", "_", model)
+    return EncoderSetup(registered, "timm", {"model_name": model},
+                        f"timm backbone {model} as a feature extractor (weights only from a local checkpoint file)",
+                        takes_channels=True)
+
+
+def encoder_options(config: RunConfig, setup: EncoderSetup) -> dict[str, Any]:
+    """The run config's `encoder_options` for `setup` (keyed by its name, or as `timm:<model>`)."""
+    for key, options in config.encoder_options.items():
+        if key == setup.name or (key.startswith(TIMM_PREFIX) and timm_setup(key).name == setup.name):
+            return dict(options)
+    return {}
+
+
 def encoder_setups(names: Sequence[str]) -> list[EncoderSetup]:
-    """The default encoder setups selected by registered-model name."""
+    """The encoder setups selected by name: `DEFAULT_ENCODERS` names and `timm:<model_name>`."""
     known = {e.name: e for e in DEFAULT_ENCODERS}
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and not n.startswith(TIMM_PREFIX)]
     if unknown:
-        raise KeyError(f"unknown encoders {unknown}; known: {sorted(known)}")
-    return [known[n] for n in names]
+        raise KeyError(f"unknown encoders {unknown}; known: {sorted(known)} or timm:<model_name>")
+    return [timm_setup(n) if n.startswith(TIMM_PREFIX) else known[n] for n in names]
 

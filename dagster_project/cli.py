@@ -201,6 +201,17 @@ def _compare(args: argparse.Namespace) -> int:
 
     home = Home(root=Path(args.home).expanduser().resolve())
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+    if args.encoder is None:
+        from bioembed_assets.encoder_comparison import compare_encoders
+
+        table = compare_encoders(home, registry)
+        if table.height == 0:
+            raise LookupError(f"no encoder is registered in {home.mlflow_db}; run the pipeline first")
+        with _wide_tables():
+            print(table)
+        print("weights: trained / untrained (random init) / none (parameter-free); crops_per_s: measured while "
+              "embedding the plates; metrics per recipe as in `bioembed sql \"SELECT * FROM metrics\"`")
+        return 0
     versions = [(a, v) for a in (CHAMPION, CHALLENGER, PREVIOUS) if (v := registry.get(args.encoder, a)) is not None]
     if not versions:
         raise LookupError(f"encoder {args.encoder!r} is not registered in {home.mlflow_db}")
@@ -345,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-evaluate", action="store_true")
     train.add_argument("--null-size", type=int, default=10000)
     train.set_defaults(func=_train)
-    compare = sub.add_parser("compare", help="champion vs challenger (and previous): the same metrics, same plates")
+    compare = sub.add_parser("compare", help="every registered encoder version side by side (dims, throughput, "
+                             "headline metrics per recipe); with --encoder: its champion vs challenger (and previous)")
     compare.add_argument("--home", required=True)
-    compare.add_argument("--encoder", required=True)
+    compare.add_argument("--encoder", default=None, help="compare one encoder's aliased versions on every metric")
     compare.set_defaults(func=_compare)
     promote = sub.add_parser("promote", help="apply the promotion rule: challenger -> champion if it wins")
     promote.add_argument("--home", required=True)

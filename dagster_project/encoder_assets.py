@@ -79,8 +79,10 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
                           "registers an untrained version 1 if there is none. Its data version is the champion "
                           "version; the registry sensor reports each promotion as a new materialization.")
     def encoder_asset(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
-        channels = bioembed.run_config().channels
-        version = bioembed.registry().ensure(name, lambda: setup.build(channels), description=setup.description)
+        run_config = bioembed.run_config()
+        options = pipeline.encoder_options(run_config, setup)
+        version = bioembed.registry().ensure(name, lambda: setup.build(run_config.channels, options),
+                                             description=setup.description)
         return dg.MaterializeResult(metadata={CHAMPION_VERSION: version.version, "state": version.describe()},
                                     data_version=dg.DataVersion(version.version))
 

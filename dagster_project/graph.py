@@ -14,6 +14,7 @@ import dagster as dg
 
 from bioembed_assets import challenger as challenger_lib
 from bioembed_assets import feature_sets, pipeline
+from bioembed_assets.encoder_comparison import compare_encoders
 from bioembed_assets.pipeline import EncoderSetup, encoder_setups
 from bioembed_assets.store.catalog import build_catalog
 from dagster_project.assets import (
@@ -22,6 +23,7 @@ from dagster_project.assets import (
     INGEST_ASSETS,
     PROFILE,
     evaluation_metadata,
+    markdown_table,
     platemap,
     raise_if_recipes_failed,
 )
@@ -120,7 +122,16 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         raise_if_recipes_failed(failed, meta)
         return dg.MaterializeResult(metadata=meta)
 
-    return [well_profiles, normalizer, normalized_profiles, evaluation]
+    @dg.asset(group_name=EVALUATE, deps=[evaluation], kinds={"duckdb", "mlflow"},
+              automation_condition=refresh_when_upstream_updates(False))
+    def encoder_comparison(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        """Every registered encoder version side by side: weights, width, embedding throughput and the
+        headline metrics per recipe (what `bioembed compare --home H` prints)."""
+        table = compare_encoders(bioembed.home(), bioembed.registry())
+        return dg.MaterializeResult(metadata={"comparison": dg.MetadataValue.md(markdown_table(table)),
+                                              "versions": table.select("encoder", "version").n_unique()})
+
+    return [well_profiles, normalizer, normalized_profiles, evaluation, encoder_comparison]
 
 
 @dataclass(frozen=True)

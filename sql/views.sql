@@ -25,6 +25,40 @@ CREATE OR REPLACE VIEW cells AS SELECT * FROM lake_cells;
 -- Per-cell embeddings, every encoder and version side by side.
 CREATE OR REPLACE VIEW embeddings AS SELECT * FROM lake_embeddings;
 
+-- The names of each encoder version's embedding columns (output = 'features') and side outputs
+-- (e.g. SubCell's 'localization' classes); feature_index is 0-based (features[feature_index + 1] in SQL).
+CREATE OR REPLACE VIEW feature_names AS SELECT * FROM lake_feature_names;
+
+-- One row per cell and *named* feature (encoders that name their columns, e.g. the classical
+-- encoder's CellProfiler names): WHERE feature = 'AreaShape_Area'.
+CREATE OR REPLACE VIEW cell_features AS
+SELECT e.plate, e.well, e.site, e.cell_id, e.encoder, e.encoder_version, n.feature,
+       e.features[n.feature_index + 1] AS value
+FROM lake_embeddings e
+JOIN lake_feature_names n
+  ON n.encoder = e.encoder AND n.encoder_version = e.encoder_version AND n.output = 'features';
+
+-- Per-cell side outputs stored beside the embedding, one row per cell, output and named value.
+CREATE OR REPLACE VIEW cell_outputs AS
+SELECT o.plate, o.well, o.site, o.cell_id, o.encoder, o.encoder_version, o.output, n.feature AS name,
+       o."values"[n.feature_index + 1] AS value
+FROM lake_cell_outputs o
+JOIN lake_feature_names n
+  ON n.encoder = o.encoder AND n.encoder_version = o.encoder_version AND n.output = o.output;
+
+-- SubCell localization: per cell, pass ('localization' or 'localization_<protein stain>') and class,
+-- the raw sigmoid probability averaged over the loaded classifier heads.
+CREATE OR REPLACE VIEW localization AS
+SELECT plate, well, site, cell_id, encoder, encoder_version, output AS pass, name AS location,
+       value AS probability
+FROM cell_outputs WHERE output LIKE 'localization%';
+
+-- Embedding throughput per encoder version: crops per second over every plate it embedded.
+CREATE OR REPLACE VIEW embedding_throughput AS
+SELECT encoder, encoder_version, count(*) AS n_plates, sum(cells) AS cells, sum(seconds) AS seconds,
+       sum(cells) / nullif(sum(seconds), 0) AS crops_per_second, any_value(device) AS device
+FROM lake_embedding_stats GROUP BY ALL;
+
 -- Per-well profiles (cell -> well aggregation), per encoder and version.
 CREATE OR REPLACE VIEW profiles AS SELECT * FROM lake_well_profiles;
 
