@@ -113,8 +113,14 @@ def build_encoder(family: str, **config: Any) -> Encoder:
 
 
 def build_from_spec(spec: EncoderSpec, state_dict: dict[str, torch.Tensor] | None = None) -> Encoder:
-    """Rebuild an encoder from a stored spec and, if given, its weights (strict)."""
-    encoder = build_encoder(spec.family, **spec.config)
+    """Rebuild an encoder from a stored spec and, if given, its weights (strict).
+
+    With weights given, a `checkpoint` file named in the config is not read again: the stored
+    weights fully determine the encoder (and that file may not exist on this machine)."""
+    config = dict(spec.config)
+    if state_dict:
+        config.pop("checkpoint", None)
+    encoder = build_encoder(spec.family, **config)
     if state_dict:
         encoder.load_state_dict(state_dict)
     return encoder
