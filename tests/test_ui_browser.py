@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(1800)]
 
 ASSETS = ["raw_plate", "platemap", "illumination", "segmentation", "crops", "encoder/classical", "encoder/ca_mae",
           "embeddings/classical", "embeddings/ca_mae", "challenger/ca_mae", "well_profiles", "normalizer",
-          "normalized_profiles", "evaluation", "imported_profiles", "imported_evaluation"]
+          "normalized_profiles", "evaluation", "encoder_comparison", "imported_profiles", "imported_evaluation"]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # Wide enough that the fitted lineage graph is drawn at a scale >= 0.6, where Dagster draws full asset
