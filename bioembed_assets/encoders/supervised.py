@@ -81,6 +81,10 @@ class ClassifierObjective(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self._check = encoder.check_images
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """0-255 crops -> the network's input: per-crop, per-channel standardization."""
+        return self_standardize(images)
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check(images.shape)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
@@ -88,7 +92,7 @@ class ClassifierObjective(nn.Module):
         n = len(self.classes)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
             raise ValueError(f"labels must be class indices in 0..{n - 1}, got {int(labels.min())}..{int(labels.max())}")
-        logits = self.net(self_standardize(images))
+        logits = self.net(self.preprocess(images))
         with float32_region(images.device):
             logits = logits.float()
             labels = labels.long()

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bioembed_assets.encoders.autoencoder import (
@@ -118,19 +117,8 @@ class TimmClassifierObjective(ClassifierObjective):
     (The base class standardizes each crop first, which would discard the pretrained mean/std input.)
     """
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._check(images.shape)
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"expected labels (B,) = ({images.shape[0]},), got shape {tuple(labels.shape)}")
-        n = len(self.classes)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(f"labels must be class indices in 0..{n - 1}, got {int(labels.min())}..{int(labels.max())}")
-        logits = self.net(images)
-        with float32_region(images.device):
-            logits, labels = logits.float(), labels.long()
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-            accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy}
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return images
 
 
 class TimmEncoder(SupervisedEncoder):
