@@ -89,6 +89,18 @@ DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
     EncoderSetup("supervised_cnn", "supervised_cnn", {"backbone": "resnet18", "input_size": 64, "seed": 0},
                  "DeepProfiler-style weakly supervised CNN (timm ResNet-18; predicts each cell's treatment)",
                  takes_channels=True),
+    EncoderSetup("ae", "ae", {"latent_dim": 64, "input_size": 64, "seed": 0},
+                 "bioimage_embed-style convolutional autoencoder (64-d latent)", takes_channels=True),
+    EncoderSetup("beta_vae", "beta_vae", {"latent_dim": 64, "input_size": 64, "seed": 0},
+                 "bioimage_embed-style beta-VAE (beta 4, 64-d latent)", takes_channels=True),
+    EncoderSetup("vqvae", "vqvae", {"latent_dim": 64, "input_size": 64, "num_embeddings": 512, "seed": 0},
+                 "bioimage_embed-style VQ-VAE: 512-code codebook, pre-quantization latent as the profile",
+                 takes_channels=True),
+    EncoderSetup("mae", "mae", {"preset": "tiny", "seed": 0},
+                 "bioimage_embed-style masked autoencoder ViT over the run's stains", takes_channels=True),
+    EncoderSetup("subcell", "subcell", {"seed": 0},
+                 "SubCell ViT-B/16 + attention pooling (set encoder_options.subcell.encoder_checkpoint to the "
+                 "published weights); localization probabilities as side outputs"),
 )
 """Encoders a run config can name; `RunConfig.encoders` picks which ones the graph embeds with."""
 

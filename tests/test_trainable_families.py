@@ -65,7 +65,7 @@ def train(encoder: Encoder, steps: int, lr: float = 1e-2, classes: list[str] | N
 
 
 def test_families_are_registered() -> None:
-    assert {"ae", "vae", "supervised_cnn"} <= set(list_families())
+    assert {"ae", "vae", "beta_vae", "vqvae", "mae", "supervised_cnn"} <= set(list_families())
 
 
 @pytest.mark.parametrize("family", ["ae", "vae"])
@@ -85,7 +85,8 @@ def test_autoencoder_spec_and_embedding(family: str) -> None:
     assert enc.embed(x8[:0]).shape == (0, 8)
     # Per-crop per-channel self-standardization: a global intensity scale barely changes the embedding.
     np.testing.assert_allclose(enc.embed(x8.astype(np.float32) * 0.25), e8, atol=2e-3)
-    assert enc.reconstruct(x8).shape == x8.shape
+    out = enc.reconstruct(x8)
+    assert out["images"].shape == out["target"].shape == x8.shape
 
 
 def test_autoencoder_channel_settings() -> None:
@@ -122,7 +123,7 @@ def test_supervised_spec_and_embedding() -> None:
         build_encoder("supervised_cnn", num_channels=1, backbone="test_resnet", backbone_kwargs={"in_chans": 3})
 
 
-@pytest.mark.parametrize("family", ["ae", "vae", "supervised_cnn"])
+@pytest.mark.parametrize("family", ["ae", "vae", "beta_vae", "vqvae", "supervised_cnn"])
 def test_seed_makes_init_deterministic(family: str) -> None:
     x = crops()
     a = tiny(family, seed=5).embed(x)
@@ -133,14 +134,14 @@ def test_seed_makes_init_deterministic(family: str) -> None:
 # -- training hook ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,steps", [("ae", 15), ("vae", 15), ("supervised_cnn", 10)])
+@pytest.mark.parametrize("family,steps", [("ae", 15), ("vae", 15), ("beta_vae", 15), ("supervised_cnn", 10)])
 def test_a_few_steps_lower_the_loss(family: str, steps: int) -> None:
     enc = tiny(family)
     before, after = train(enc, steps, classes=CLASSES if family == "supervised_cnn" else None)
     assert np.isfinite(before) and after < before, (before, after)
 
 
-@pytest.mark.parametrize("family", ["ae", "vae", "supervised_cnn"])
+@pytest.mark.parametrize("family", ["ae", "vae", "beta_vae", "vqvae", "supervised_cnn"])
 def test_trained_weights_round_trip_through_the_spec(family: str) -> None:
     enc = tiny(family, seed=2)
     train(enc, 2, classes=CLASSES if family == "supervised_cnn" else None)
@@ -168,7 +169,7 @@ def test_vae_logs_recon_and_nonnegative_kl() -> None:
     out0 = module(images, labels)
     assert float(out0["loss"]) == float(out0["recon"])
     ae_out = tiny("ae").training_module()(images, labels)
-    assert set(ae_out) == {"loss", "recon"}
+    assert set(ae_out) == {"loss", "recon", "recon_loss", "variational_loss", "mse"}
 
 
 def test_losses_are_float32_under_bf16_autocast() -> None:
@@ -209,7 +210,7 @@ def test_supervised_classes_and_head() -> None:
 # -- adapter behaviour -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["ae", "vae", "supervised_cnn"])
+@pytest.mark.parametrize("family", ["ae", "vae", "vqvae", "supervised_cnn"])
 def test_channel_count_mismatch_names_expected_and_got(family: str) -> None:
     enc = tiny(family)
     with pytest.raises(ValueError, match=r"expects 3 channels \['DNA', 'ER', 'RNA'\], got 5 channels"):
@@ -230,7 +231,7 @@ def test_autoencoder_rejects_other_crop_sizes() -> None:
         tiny("ae").embed(crops(size=16))
 
 
-@pytest.mark.parametrize("family", ["vae", "supervised_cnn"])
+@pytest.mark.parametrize("family", ["vae", "vqvae", "supervised_cnn"])
 def test_embed_restores_train_mode(family: str) -> None:
     enc = tiny(family)
     module = enc.training_module(CLASSES if family == "supervised_cnn" else None)

@@ -26,6 +26,8 @@ from bioembed_assets.training.data import CropSet, load_crop_set
 from bioembed_assets.training.loop import Callbacks, EpochResult, TrainConfig, TrainResult, fit
 
 RUN_FILE = "mlflow_run.json"
+RECONSTRUCTION_MASK_RATIO = 0.75
+"""Patches hidden in the logged reconstructions of masked autoencoders (others see the whole crop)."""
 
 
 @dataclass
@@ -98,7 +100,12 @@ def _example_crops(crop_set: CropSet, n: int = 4) -> np.ndarray | None:
 
 
 def _reconstruction_png(encoder: Encoder, crops: np.ndarray):
-    """PIL image: per example, input and reconstruction of each channel (self-standardized units)."""
+    """PIL image: per example, input and reconstruction of each channel (self-standardized units).
+
+    Every reconstructing family (ae, vae, beta_vae, vqvae, mae, ca_mae) answers the same call,
+    `reconstruct(crops, mask_ratio=..., seed=...) -> {"target", "images", ...}`; the mask ratio and
+    seed only matter to the masked autoencoders.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +116,7 @@ def _reconstruction_png(encoder: Encoder, crops: np.ndarray):
 
     size = encoder.spec.input_size
     crops, _ = resize_crops(crops, np.ones((crops.shape[0], *crops.shape[2:]), dtype=bool), size)
-    out = encoder.reconstruct(crops, mask_ratio=0.75, seed=0)
+    out = encoder.reconstruct(crops, mask_ratio=RECONSTRUCTION_MASK_RATIO, seed=0)
     target, recon = out["target"], out["images"]
     n, c = target.shape[:2]
     fig, axes = plt.subplots(2 * n, c, figsize=(1.2 * c, 2.4 * n), squeeze=False)
