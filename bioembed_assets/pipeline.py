@@ -72,7 +72,12 @@ class EncoderSetup:
         if self.takes_channels and channels is not None:
             config["channels"] = list(channels)
         config.update(options or {})
-        return build_encoder(self.family, **config)
+        encoder = build_encoder(self.family, **config)
+        needed = encoder.spec.channels
+        if channels is not None and needed is not None and (missing := [c for c in needed if c not in channels]):
+            raise ValueError(f"encoder {self.name} reads stains {missing} that the run's channels {list(channels)} "
+                             f"lack (set encoder_options.{self.name} to map it onto the plate's stains)")
+        return encoder
 
 
 TRAINABLE_FAMILIES = frozenset({"ca_mae", "ae", "vae", "beta_vae", "vqvae", "mae", "supervised_cnn", "timm",

@@ -83,7 +83,12 @@ def _demo(args: argparse.Namespace) -> int:
     from dagster_project.demo import DEMO_SCREEN, run_demo
 
     screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
-    outcome = run_demo(args.home, screen, null_size=args.null_size, learn=not args.no_train)
+    overrides = None
+    if args.config:
+        import tomllib
+
+        overrides = tomllib.loads(Path(args.config).read_text())
+    outcome = run_demo(args.home, screen, null_size=args.null_size, learn=not args.no_train, overrides=overrides)
     return _report(outcome, outcome.home.raw_root / "ground_truth.csv")
 
 
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     demo.add_argument("--no-train", action="store_true", help="skip the train -> evaluate -> promote loop")
+    demo.add_argument("--config", default=None, help="TOML of run-config fields over the synthetic defaults, e.g. "
+                      "encoders and encoder_options (deploy/configs/demo-zoo.toml)")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train an encoder on the home's plates and register it as challenger, "
                            "then evaluate it against the champion")

@@ -11,7 +11,7 @@ import dagster as dg
 import yaml
 
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
-from bioembed_assets.pipeline import profiled_plates, save_run_config
+from bioembed_assets.pipeline import default_run_config, profiled_plates, save_run_config
 from bioembed_assets.sources.synthetic import SyntheticScreenConfig, generate_screen
 from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.locks import file_lock
@@ -151,7 +151,11 @@ def _materialize_all(instance: dg.DagsterInstance, graph: AssetGraph, plate_name
     return outcome
 
 
-def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder: str = "ca_mae",
+LEARNING_ENCODER = "ca_mae"
+"""The encoder the demo trains a challenger of."""
+
+
+def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder: str = LEARNING_ENCODER,
                   training: dict | None = None, log=print) -> LearningOutcome:
     """Train a challenger of `encoder` through its Dagster asset (evaluate it against the champion,
     apply the rule), then let the registry sensor and declarative automation re-embed if it was promoted."""
@@ -187,18 +191,28 @@ def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder
 
 
 def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = DEMO_SCREEN, null_size: int = 10000,
-             log=print, learn: bool = True, training: dict | None = None) -> DemoOutcome:
+             log=print, learn: bool = True, training: dict | None = None,
+             overrides: dict | None = None) -> DemoOutcome:
     """Generate a synthetic screen under `<home>/raw`, materialize everything, then (with `learn`)
-    train a CA-MAE challenger, evaluate it against the untrained champion and promote it by the rule."""
+    train a CA-MAE challenger, evaluate it against the untrained champion and promote it by the rule.
+
+    `overrides`: RunConfig fields over the synthetic screen's defaults (e.g. `encoders`, `encoder_options`,
+    `recipes`), saved as the home's run configuration."""
     t0 = time.perf_counter()
     home = use_home(home_dir)
     log(f"bioembed demo: home {home.root}")
+    config = default_run_config(home)
+    if overrides:
+        config = RunConfig.model_validate({**config.model_dump(), **overrides})
+        save_run_config(home, config)
     plate_names = generate_screen(home.raw_root, screen)
-    log(f"  synthetic screen: {len(plate_names)} plates under {home.raw_root}")
-    resource = BioembedHome(root=str(home.root), null_size=null_size)
+    log(f"  synthetic screen: {len(plate_names)} plates under {home.raw_root}; encoders {', '.join(config.encoders)}")
+    resource = BioembedHome(root=str(home.root), encoders=config.encoders, null_size=null_size)
     graph = build_graph(resource.encoders)
     outcome = materialize_home(home, plate_names, resource, log, graph)
-    if learn:
+    if learn and LEARNING_ENCODER not in graph.encoders:
+        log(f"  learning loop skipped: it trains {LEARNING_ENCODER}, which this run does not embed with")
+    elif learn:
         outcome.learning = learning_loop(home, resource, graph, training=training, log=log)
     outcome.seconds = time.perf_counter() - t0
     return outcome
