@@ -82,6 +82,13 @@ def encoder_feature_names(encoder: Encoder) -> list[str] | None:
     return names
 
 
+def _embed_batch(encoder: Encoder, images: np.ndarray, masks: np.ndarray,
+                 with_outputs: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    if with_outputs:
+        return encoder.embed_with_outputs(images, masks)  # type: ignore[attr-defined]
+    return encoder.embed(images, masks), {}
+
+
 def embed_crop_store(
     encoder: Encoder,
     crops_path: str | Path,
@@ -119,16 +126,18 @@ def embed_crop_store_with_outputs(
         while (batch := pending.result()) is not None:
             pending = reader.submit(next, batches, None)
             imgs, msks = resize_crops(*batch, spec.input_size)
+            try:
+                emb, side = _embed_batch(encoder, imgs, msks, bool(names))
+            except ValueError as err:  # the encoder speaks of positions in its batch: say where they are
+                raise ValueError(f"crop store {crops_path}, crops {done}..{done + imgs.shape[0] - 1} "
+                                 f"(the cells table's crop_index): {err}") from err
             if names:
-                emb, side = encoder.embed_with_outputs(imgs, msks)  # type: ignore[attr-defined]
                 for key, columns in names.items():
                     values = np.asarray(side[key], dtype=np.float32)
                     if values.shape != (imgs.shape[0], len(columns)):
                         raise RuntimeError(f"encoder {spec.family} output {key!r} has shape {values.shape}, "
                                            f"expected ({imgs.shape[0]}, {len(columns)})")
                     extras[key].append(values)
-            else:
-                emb = encoder.embed(imgs, msks)
             emb = np.asarray(emb, dtype=np.float32)
             if emb.ndim != 2 or emb.shape[0] != imgs.shape[0]:
                 raise RuntimeError(f"encoder {spec.family} returned shape {emb.shape} "
