@@ -106,6 +106,8 @@ DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
     EncoderSetup("subcell", "subcell", {"seed": 0},
                  "SubCell ViT-B/16 + attention pooling (set encoder_options.subcell.encoder_checkpoint to the "
                  "published weights); localization probabilities as side outputs"),
+    EncoderSetup("shape_embed", "shape_embed", {"seed": 0},
+                 "ShapeEmbed: cell-contour distance matrices -> shift/reflection-invariant shape embedding"),
 )
 """Encoders a run config can name; `RunConfig.encoders` picks which ones the graph embeds with."""
 

@@ -15,6 +15,8 @@ import dagster as dg
 from bioembed_assets import challenger as challenger_lib
 from bioembed_assets import feature_sets, pipeline
 from bioembed_assets.encoder_comparison import compare_encoders
+from bioembed_assets.inference import resolve_device
+from bioembed_assets.interpretation import INTERPRETABLE_FAMILIES, interpret_plate
 from bioembed_assets.pipeline import EncoderSetup, encoder_setups
 from bioembed_assets.store.catalog import build_catalog
 from dagster_project.assets import (
@@ -25,6 +27,7 @@ from dagster_project.assets import (
     evaluation_metadata,
     markdown_table,
     platemap,
+    png_markdown,
     raise_if_recipes_failed,
 )
 from dagster_project.encoder_assets import build_encoder_assets, embeddings_key
@@ -134,6 +137,37 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
     return [well_profiles, normalizer, normalized_profiles, evaluation, encoder_comparison]
 
 
+def gradcamo_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["gradcamo", name])
+
+
+def build_gradcamo_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
+    """`gradcamo/<name>`: Grad-CAMO of each cell of a plate under the encoder's champion."""
+    name = setup.name
+
+    @dg.asset(key=gradcamo_key(name), partitions_def=plates, group_name=EVALUATE, deps=[embeddings_key(name)],
+              pool="gpu", kinds={"pytorch", "parquet", "mlflow"},
+              automation_condition=refresh_when_upstream_updates(True))
+    def gradcamo(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        """Grad-CAM of each cell's own treatment (the champion's head, or a treatment probe on its embeddings)
+        and the Grad-CAMO score: attention on the cell's mask / all attention, with chance, enrichment and the
+        neighbour fraction (lake `gradcamo_cells`, `gradcamo_summary`; SQL views of the same names); a gallery
+        of crops with their maps here and on the version's MLflow run."""
+        registry = bioembed.registry()
+        model, version = registry.load(name)
+        model.to(resolve_device(bioembed.device))
+        plate = context.partition_key
+        done = interpret_plate(bioembed.home(), plate, model, version,
+                               progress=lambda i, n: context.log.debug(f"gradcamo/{name} {plate}: {i}/{n}"))
+        if version.run_id:
+            done.result.log_to_mlflow(registry.client, version.run_id)
+        return dg.MaterializeResult(metadata={
+            **done.result.metrics(), "encoder_version": version.version, "classifier": done.classifier,
+            "layer": done.result.layer, "gallery": png_markdown(done.result.gallery_png, f"gradcamo {plate}")})
+
+    return gradcamo
+
+
 @dataclass(frozen=True)
 class AssetGraph:
     """Every asset of a deployment and the named subsets the demo, sensors and tests run."""
@@ -154,12 +188,14 @@ def build_graph(encoder_names: Sequence[str]) -> AssetGraph:
     """The asset graph for the named encoders (see `pipeline.DEFAULT_ENCODERS`)."""
     setups = encoder_setups(encoder_names)
     per_encoder = {s.name: build_encoder_assets(s) for s in setups}
+    gradcamo = [build_gradcamo_asset(s) for s in setups if s.family in INTERPRETABLE_FAMILIES]
     profile = build_profile_assets(setups)
     well_profiles = profile[0]
     return AssetGraph(
         encoders=tuple(encoder_names),
-        all=[*INGEST_ASSETS, *(a for assets in per_encoder.values() for a in assets), *profile, *IMPORT_ASSETS],
-        per_plate=[*INGEST_ASSETS, *(assets[1] for assets in per_encoder.values()), well_profiles],
+        all=[*INGEST_ASSETS, *(a for assets in per_encoder.values() for a in assets), *gradcamo, *profile,
+             *IMPORT_ASSETS],
+        per_plate=[*INGEST_ASSETS, *(assets[1] for assets in per_encoder.values()), *gradcamo, well_profiles],
         encoder_assets=[assets[0] for assets in per_encoder.values()],
         challengers={n: assets[2] for n, assets in per_encoder.items() if len(assets) > 2},
         well_profiles=well_profiles, normalizer=profile[1], normalized_profiles=profile[2], evaluation=profile[3])

@@ -72,8 +72,25 @@ GROUP BY ALL;
 -- Normalized well profiles, per encoder (feature set), version and recipe (name + recipe_steps).
 CREATE OR REPLACE VIEW normalized_profiles AS SELECT * FROM lake_normalized_profiles;
 
--- Scalar evaluation metrics: encoder, encoder_version, recipe, metric, value.
-CREATE OR REPLACE VIEW metrics AS SELECT * FROM lake_metrics;
+-- Grad-CAMO per cell (Gopalakrishnan et al. 2024): the share of the Grad-CAM map on the cell's own mask
+-- (score; chance = mask area / crop area; enrichment = score / chance) and on other cells' masks.
+CREATE OR REPLACE VIEW gradcamo_cells AS SELECT * FROM lake_gradcamo_cells;
+
+-- Grad-CAMO per plate (level = 'plate') and per perturbation within a plate (level = 'perturbation'):
+-- fraction of scored cells with score > 0.5, mean score, chance, enrichment and neighbour fraction.
+CREATE OR REPLACE VIEW gradcamo_summary AS SELECT * FROM lake_gradcamo_summary;
+
+-- Scalar evaluation metrics: encoder, encoder_version, recipe, metric, value. Grad-CAMO aggregates over
+-- every plate's cells come in as recipe 'raw' (per cell, before any normalization).
+CREATE OR REPLACE VIEW metrics AS
+SELECT * FROM lake_metrics
+UNION ALL BY NAME
+SELECT encoder, encoder_version, 'raw' AS recipe, unnest(['gradcamo_fraction_above', 'gradcamo_mean_score',
+       'gradcamo_mean_enrichment', 'gradcamo_mean_neighbour_fraction']) AS metric,
+       unnest([avg(CASE WHEN score > 0.5 THEN 1.0 ELSE 0.0 END) FILTER (isfinite(score)),
+               avg(score) FILTER (isfinite(score)), avg(enrichment) FILTER (isfinite(score)),
+               avg(neighbour_fraction) FILTER (isfinite(score))]) AS value
+FROM lake_gradcamo_cells GROUP BY encoder, encoder_version;
 
 -- Per-perturbation (kind = 'replicate') and per-MoA (kind = 'moa') mAP with p-values.
 CREATE OR REPLACE VIEW replicate_map AS SELECT * FROM lake_replicate_map;

@@ -304,7 +304,7 @@ def test_forced_promotion_needs_a_reason_and_is_recorded(learning: LearningHome,
     report_champion_changes(learning.instance, registry, learning.graph.encoders)  # keep Dagster in step
 
 
-def test_supervised_and_vae_train_through_the_same_loop(learning: LearningHome, tmp_path) -> None:
+def test_supervised_vae_and_shape_embed_train_through_the_same_loop(learning: LearningHome, tmp_path) -> None:
     crop_set = load_crop_set(learning.home, learning.plates, seed=0)
     config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, warmup_epochs=0, max_steps_per_epoch=2, num_workers=0)
     supervised = build_encoder("supervised_cnn", backbone="test_resnet", input_size=32, seed=0)
@@ -314,6 +314,10 @@ def test_supervised_and_vae_train_through_the_same_loop(learning: LearningHome, 
     vae = _tiny_vae()
     result = fit(vae, crop_set, config, tmp_path / "vae")
     assert {"loss", "recon", "kl"} <= set(result.history[0].train)
+    shape = build_encoder("shape_embed", n_points=32, latent_dim=8, base_width=8, seed=0)  # trains on the masks
+    result = fit(shape, crop_set, config, tmp_path / "shape")
+    assert {"loss", "recon", "empty_masks"} <= set(result.history[0].train)
+    assert result.history[0].train["empty_masks"] == 0 and result.history[0].val["loss"] > 0
 
 
 def test_promotion_rule_in_a_run_config_is_validated(tmp_path) -> None:

@@ -118,7 +118,9 @@ class CropBatches(torch.utils.data.Dataset):
     """A map-style dataset whose items are whole batches (lists of rows) of a `CropSet` split.
 
     Each item is (images float32 (B, C, S, S) in 0-255 units, labels int64 (B,)), crops resized to
-    `input_size` and restricted to `channels` (None = all). Decoded chunks are cached per worker.
+    `input_size` and restricted to `channels` (None = all); with `with_masks`, also the crops' cell
+    masks bool (B, S, S), resized alike (for objectives that declare `uses_masks`, e.g. ShapeEmbed).
+    Decoded chunks are cached per worker.
     """
 
     crop_set: CropSet
@@ -126,6 +128,7 @@ class CropBatches(torch.utils.data.Dataset):
     batches: list[np.ndarray]
     input_size: int
     channels: Sequence[str] | None = None
+    with_masks: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,24 +140,31 @@ class CropBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _chunk(self, store: int, chunk_no: int) -> np.ndarray:
-        if (store, chunk_no) not in self._cache:
-            if len(self._cache) >= 8:
+    def _chunk(self, store: int, chunk_no: int, array: str = "images") -> np.ndarray:
+        key = (store, chunk_no, array)
+        if key not in self._cache:
+            if len(self._cache) >= 16:
                 self._cache.pop(next(iter(self._cache)))
-            images = zarr.open_group(str(self.crop_set.stores[store]), mode="r")["images"]
+            stored = zarr.open_group(str(self.crop_set.stores[store]), mode="r")[array]
             c = self.crop_set.chunk
-            self._cache[(store, chunk_no)] = np.asarray(images[chunk_no * c:(chunk_no + 1) * c])
-        return self._cache[(store, chunk_no)]
+            self._cache[key] = np.asarray(stored[chunk_no * c:(chunk_no + 1) * c])
+        return self._cache[key]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, c = self.batches[i], self.crop_set.chunk
-        crops = np.stack([self._chunk(int(self._store[r]), int(self._crop[r]) // c)[int(self._crop[r]) % c]
-                          for r in rows])[:, self._channels]
-        crops, _ = resize_crops(crops, np.ones(crops.shape[:1] + crops.shape[2:], dtype=bool), self.input_size)
-        return torch.from_numpy(to_0_255(crops)), torch.from_numpy(self._label[rows].astype(np.int64))
+    def _rows(self, rows: np.ndarray, array: str) -> np.ndarray:
+        c = self.crop_set.chunk
+        return np.stack([self._chunk(int(self._store[r]), int(self._crop[r]) // c, array)[int(self._crop[r]) % c]
+                         for r in rows])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        rows = self.batches[i]
+        crops = self._rows(rows, "images")[:, self._channels]
+        masks = self._rows(rows, "masks") if self.with_masks else np.ones(crops.shape[:1] + crops.shape[2:], bool)
+        crops, masks = resize_crops(crops, masks, self.input_size)
+        item = (torch.from_numpy(to_0_255(crops)), torch.from_numpy(self._label[rows].astype(np.int64)))
+        return (*item, torch.from_numpy(np.ascontiguousarray(masks))) if self.with_masks else item
 
 
-def batch_loader(dataset: CropBatches, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batch_loader(dataset: CropBatches, num_workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Iterate the dataset's batches in order, read by `num_workers` worker processes (0 = inline)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                                          persistent_workers=False, prefetch_factor=2 if num_workers else None)

@@ -112,10 +112,10 @@ def _run_epoch(module: torch.nn.Module, dataset: CropBatches, device: torch.devi
     module.train(optimizer is not None)
     grad = torch.enable_grad() if optimizer is not None else torch.no_grad()
     with grad:
-        for images, labels in batch_loader(dataset, num_workers):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for batch in batch_loader(dataset, num_workers):
+            images, labels, *masks = (t.to(device, non_blocking=True) for t in batch)
             with autocast(device):
-                out = module(images, labels)
+                out = module(images, labels, *masks)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step}; lower the lr")
@@ -196,15 +196,17 @@ def fit(encoder: Encoder, crop_set: CropSet, config: TrainConfig, checkpoint_dir
         for stale in (last, checkpoint_dir / BEST):
             stale.unlink(missing_ok=True)
     callbacks.on_start(config.epochs, steps_per_epoch)
+    with_masks = bool(getattr(module, "uses_masks", False))
     val_set = CropBatches(crop_set, val_cells, chunk_window_batches(val_cells, crop_set.chunk, config.batch_size,
-                                                                   config.seed, 0, shuffle=False), input_size, channels)
+                                                                   config.seed, 0, shuffle=False), input_size, channels,
+                          with_masks)
     for epoch in range(start_epoch, config.epochs):
         if config.patience and bad_epochs >= config.patience:  # (a resumed run that had already stopped)
             result.stopped_early = True
             break
         _set_epoch_seed(config.seed, epoch)
         batches = chunk_window_batches(train_cells, crop_set.chunk, config.batch_size, config.seed, epoch)
-        train_set = CropBatches(crop_set, train_cells, batches[:steps_per_epoch], input_size, channels)
+        train_set = CropBatches(crop_set, train_cells, batches[:steps_per_epoch], input_size, channels, with_masks)
         train_logs, result.steps, n = _run_epoch(
             module, train_set, device, config.num_workers, optimizer, scheduler, result.steps,
             lambda step, logs, e=epoch: callbacks.on_step(e, step, logs))
