@@ -56,9 +56,10 @@ def format_metrics(df: pl.DataFrame) -> str:
             "moa_map": "MoA mAP", "moa_fraction_retrieved": "MoA retr.", "nsc_accuracy": "NSC",
             "nscb_accuracy": "NSCB", "plate_knn_accuracy": "plate kNN", "control_z_prime": "Z'"}
     wide = max([7, *(len(str(r)) + 1 for r in (df["recipe"] if df.height else []))])  # e.g. jump_harmony
-    header = f"{'encoder':<12}{'ver':>4}  {'recipe':<{wide}}" + "".join(f"{v:>11}" for v in cols.values())
+    name = max([12, *(len(str(e)) + 1 for e in (df["encoder"] if df.height else []))])  # e.g. timm_resnet18
+    header = f"{'encoder':<{name}}{'ver':>4}  {'recipe':<{wide}}" + "".join(f"{v:>11}" for v in cols.values())
     lines = [header, "-" * len(header)]
     for r in df.iter_rows(named=True):
         vals = "".join(f"{r.get(k) if r.get(k) is not None else float('nan'):>11.3f}" for k in cols)
-        lines.append(f"{r['encoder']:<12}{r['encoder_version']:>4}  {r['recipe']:<{wide}}{vals}")
+        lines.append(f"{r['encoder']:<{name}}{r['encoder_version']:>4}  {r['recipe']:<{wide}}{vals}")
     return "\n".join(lines)
