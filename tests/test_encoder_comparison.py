@@ -58,3 +58,19 @@ def test_compare_cli_without_encoder_prints_every_encoder(materialized_home, cli
     assert main(["compare", "--home", str(materialized_home.home.root)]) == 0
     out = capsys.readouterr().out
     assert "classical" in out and "ca_mae" in out and "crops_per_s" in out
+
+
+def test_the_demo_zoo_config_builds_every_encoder_it_names(tmp_path) -> None:
+    import tomllib
+    from pathlib import Path
+
+    from bioembed_assets.config import Home
+    from bioembed_assets.pipeline import default_run_config
+
+    overrides = tomllib.loads((Path(__file__).parents[1] / "deploy/configs/demo-zoo.toml").read_text())
+    config = RunConfig.model_validate({**default_run_config(Home(root=tmp_path)).model_dump(), **overrides})
+    setups = encoder_setups(config.encoders)
+    assert len(setups) == len(config.encoders) == 9
+    for setup in setups:  # what `encoder/<name>` registers as version 1 on the demo's stains
+        encoder = setup.build(config.channels, encoder_options(config, setup))
+        assert encoder.spec.embedding_dim > 0, setup.name
