@@ -87,12 +87,12 @@ def _best(fn: Callable[[], object], n: int, rounds: int) -> float:
 
 
 def _forward_fn(encoder: Encoder, batches: list[np.ndarray]) -> Callable[[], object] | None:
-    """The bare module forward over standardized device batches, for families that expose `_features`."""
-    features = getattr(encoder, "_features", None)
-    module = getattr(encoder, "module", None)
-    if features is None or module is None:
-        return None
-    from bioembed_assets.encoders.autoencoder import eval_mode
+    """The bare module forward over standardized device batches, for adapters that implement `_features`."""
+    from bioembed_assets.encoders.autoencoder import TrainableAdapter, eval_mode
+
+    if not isinstance(encoder, TrainableAdapter) or type(encoder)._features is TrainableAdapter._features:
+        return None  # its forward needs more than images (e.g. ShapeEmbed's masks): `embed` is its floor
+    features, module = encoder._features, encoder.module
     from bioembed_assets.encoders.camae import self_standardize, to_0_255
 
     device = encoder.device
