@@ -65,7 +65,7 @@ def train(encoder: Encoder, steps: int, lr: float = 1e-2, classes: list[str] | N
 
 
 def test_families_are_registered() -> None:
-    assert {"ae", "vae", "beta_vae", "vqvae", "mae", "supervised_cnn"} <= set(list_families())
+    assert {"ae", "vae", "beta_vae", "vqvae", "mae", "supervised_cnn", "timm", "subcell", "shape_embed"} <= set(list_families())
 
 
 @pytest.mark.parametrize("family", ["ae", "vae"])
