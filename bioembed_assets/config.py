@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -104,6 +106,22 @@ class Home(BaseModel):
         return self
 
 
+def unknown_keys(data: Mapping[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One message per key of `data` that `model` has no field for, with the closest field name; nested
+    tables of model-typed fields are checked too (`platemap.colums` -> did you mean `platemap.columns`)."""
+    errors = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix + close[0]!r}?" if close else f"valid keys: {sorted(model.model_fields)}"
+            errors.append(f"unknown key {prefix + key!r} ({hint})")
+        elif isinstance(value, Mapping) and isinstance(field.annotation, type) \
+                and issubclass(field.annotation, BaseModel):
+            errors += unknown_keys(value, field.annotation, f"{prefix}{key}.")
+    return errors
+
+
 class PlatemapConfig(BaseModel):
     """Where a plate's platemap is and how its columns and control labels map to bioembed's."""
 
@@ -184,12 +202,23 @@ class RunConfig(BaseModel):
     """Folder of the config file (set by `load`); relative platemap paths may resolve against it."""
 
     @classmethod
+    def check_keys(cls, data: Mapping[str, Any], where: str) -> None:
+        """Refuse keys that are no field of the run configuration (or of its nested tables), naming the key
+        and the closest valid one: a typo must not be silently ignored. Free-form tables (channel_map,
+        encoder_options, …) are not checked."""
+        errors = unknown_keys(data, cls)
+        if errors:
+            raise ValueError(f"{where}: " + "; ".join(errors))
+
+    @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         """Parse a TOML run configuration; relative paths are resolved against its folder."""
         import tomllib
 
         path = Path(path)
-        cfg = cls.model_validate(tomllib.loads(path.read_text()))
+        data = tomllib.loads(path.read_text())
+        cls.check_keys(data, f"run config {path}")
+        cfg = cls.model_validate(data)
         base = path.resolve().parent
         cfg.raw_root = str((base / cfg.raw_root).resolve())
         cfg.config_dir = str(base)

@@ -332,8 +332,18 @@ def _quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bioembed")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bioembed", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bioembed {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate a synthetic screen and materialize the whole graph")
     demo.add_argument("--home", default="bioembed-home", help="bioembed home folder (created if needed)")

@@ -203,6 +203,7 @@ def run_demo(home_dir: str | Path, screen: SyntheticScreenConfig = DEMO_SCREEN, 
     log(f"bioembed demo: home {home.root}")
     config = default_run_config(home)
     if overrides:
+        RunConfig.check_keys(overrides, "demo config")
         config = RunConfig.model_validate({**config.model_dump(), **overrides})
         save_run_config(home, config)
     plate_names = generate_screen(home.raw_root, screen)

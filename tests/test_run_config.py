@@ -128,3 +128,38 @@ def test_batches_and_compounds_reach_the_well_profiles(home) -> None:
     wells = Lake(home.lake).read("well_profiles", encoder="classical", version="1", plate=plate)
     assert wells["batch"].unique().to_list() == ["week07"]
     assert wells["compound"].null_count() == 0 and wells["compound"].n_unique() > 1
+
+
+def test_unknown_keys_are_refused_with_the_closest_valid_name(tmp_path) -> None:
+    from bioembed_assets.config import RunConfig
+
+    path = tmp_path / "run.toml"
+    path.write_text('channels = ["DNA"]\nencoderz = ["classical"]\n[channel_map]\nch1 = "DNA"\n'
+                    '[platemap]\ncolums = {perturbation = "Compound"}\n[promotion]\nmetrik = "moa_map"\n'
+                    '[encoder_options.classical]\nanything_goes = 1\n')
+    with pytest.raises(ValueError) as err:
+        RunConfig.load(path)
+    message = str(err.value)
+    assert message.startswith(f"run config {path}: ")
+    assert "unknown key 'encoderz' (did you mean 'encoders'?)" in message
+    assert "unknown key 'platemap.colums' (did you mean 'platemap.columns'?)" in message
+    assert "unknown key 'promotion.metrik' (did you mean 'promotion.metric'?)" in message
+    assert "anything_goes" not in message  # encoder options are the encoder's to check
+    path.write_text('channels = ["DNA"]\n[channel_map]\nch1 = "DNA"\n[encoder_options.classical]\nanything = 1\n')
+    assert RunConfig.load(path).encoder_options == {"classical": {"anything": 1}}
+
+
+def test_cli_says_a_config_typo_in_one_line_and_knows_its_version(tmp_path, capsys) -> None:
+    from dagster_project.cli import main
+
+    path = tmp_path / "run.toml"
+    path.write_text('channels = ["DNA"]\nchanel_map = {ch1 = "DNA"}\n')
+    assert main(["run", "--home", str(tmp_path / "home"), "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "unknown key 'chanel_map' (did you mean 'channel_map'?)" in err and str(path) in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    from importlib.metadata import version
+
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"bioembed {version('bioembed')}"
