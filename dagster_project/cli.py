@@ -332,6 +332,15 @@ def _quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in --help when it has a meaningful one (not None/False, not required)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -344,6 +353,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bioembed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bioembed {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate a synthetic screen and materialize the whole graph")
     demo.add_argument("--home", default="bioembed-home", help="bioembed home folder (created if needed)")
@@ -453,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", default=None, metavar="PATH",
                         help="output file or folder (default: <set>_v<version>_<recipe>.<format> here)")
     export.set_defaults(func=_export)
+    for command in sub.choices.values():  # every option's default in its --help
+        command.formatter_class = _HelpWithDefaults
     args = parser.parse_args(argv)
     if getattr(args, "home", None):  # caches (matplotlib's font list) live in the home, not in $HOME
         from bioembed_assets.config import Home
@@ -461,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (RuntimeError, LookupError, ValueError, OSError) as exc:  # bad input or a failed run: say why, no traceback
+        if args.debug:
+            raise
         print(f"bioembed {args.command}: {exc}", file=sys.stderr)
         return 2
 

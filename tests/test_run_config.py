@@ -149,7 +149,7 @@ def test_unknown_keys_are_refused_with_the_closest_valid_name(tmp_path) -> None:
     assert RunConfig.load(path).encoder_options == {"classical": {"anything": 1}}
 
 
-def test_cli_says_a_config_typo_in_one_line_and_knows_its_version(tmp_path, capsys) -> None:
+def test_cli_says_a_config_typo_in_one_line_shows_defaults_and_knows_its_version(tmp_path, capsys) -> None:
     from dagster_project.cli import main
 
     path = tmp_path / "run.toml"
@@ -158,6 +158,11 @@ def test_cli_says_a_config_typo_in_one_line_and_knows_its_version(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert "unknown key 'chanel_map' (did you mean 'channel_map'?)" in err and str(path) in err
+    with pytest.raises(ValueError, match="chanel_map"):  # --debug: the exception itself, traceback and all
+        main(["--debug", "run", "--home", str(tmp_path / "home"), "--config", str(path)])
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "(default: 10000)" in capsys.readouterr().out  # --null-size
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     from importlib.metadata import version
