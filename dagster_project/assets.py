@@ -2,6 +2,7 @@
 
 
 import base64
+import time
 from typing import Literal
 
 import dagster as dg
@@ -32,6 +33,20 @@ def markdown_table(df: pl.DataFrame) -> str:
     with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True,
                    tbl_hide_dataframe_shape=True, tbl_rows=-1, float_precision=3):
         return str(df)
+
+
+def info_progress(log, what: str, every: float = 0.1):
+    """A `progress(done, total)` callback that logs INFO "<what>: done of total (pct), rate/s" each time
+    another `every` of the total is done, and at the end (the step's progress in the Dagster run log)."""
+    start, last = time.perf_counter(), [-1.0]
+
+    def progress(done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        if fraction - last[0] >= every or done >= total:
+            last[0] = fraction
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            log.info(f"{what}: {done} of {total} ({fraction:.0%}), {rate:.0f}/s")
+    return progress
 
 
 def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:

@@ -19,7 +19,15 @@ from bioembed_assets.promotion import apply_promotion, decide
 from bioembed_assets.registry import CHALLENGER
 from bioembed_assets.training.loop import TrainConfig
 from bioembed_assets.training.run import train_challenger
-from dagster_project.assets import EMBED, LEARN, check_result, crops, evaluation_metadata, markdown_table
+from dagster_project.assets import (
+    EMBED,
+    LEARN,
+    check_result,
+    crops,
+    evaluation_metadata,
+    info_progress,
+    markdown_table,
+)
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
@@ -102,7 +110,7 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
             summary = pipeline.embed_plate(
                 bioembed.home(), plate, model, version, batch_size=bioembed.batch_size,
                 reuse=bioembed.reuse_embeddings,
-                progress=lambda done, total, p=plate: context.log.debug(f"{name} {p}: {done}/{total}"))
+                progress=info_progress(context.log, f"embeddings/{name} {plate}: crops embedded"))
             nan_rows += summary["nan_rows"]
             reused += summary["reused"]
             context.log.info(f"{name} v{version.version} plate {plate}: {summary['cells']} cells "

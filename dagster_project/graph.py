@@ -25,6 +25,7 @@ from dagster_project.assets import (
     INGEST_ASSETS,
     PROFILE,
     evaluation_metadata,
+    info_progress,
     markdown_table,
     platemap,
     png_markdown,
@@ -158,7 +159,7 @@ def build_gradcamo_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
         model.to(resolve_device(bioembed.device))
         plate = context.partition_key
         done = interpret_plate(bioembed.home(), plate, model, version,
-                               progress=lambda i, n: context.log.debug(f"gradcamo/{name} {plate}: {i}/{n}"))
+                               progress=info_progress(context.log, f"gradcamo/{name} {plate}: cells explained"))
         if version.run_id:
             done.result.log_to_mlflow(registry.client, version.run_id)
         return dg.MaterializeResult(metadata={

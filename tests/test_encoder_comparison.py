@@ -74,3 +74,14 @@ def test_the_demo_zoo_config_builds_every_encoder_it_names(tmp_path) -> None:
     for setup in setups:  # what `encoder/<name>` registers as version 1 on the demo's stains
         encoder = setup.build(config.channels, encoder_options(config, setup))
         assert encoder.spec.embedding_dim > 0, setup.name
+
+
+def test_embedding_steps_log_info_progress(materialized_home) -> None:
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    lines = [e.user_message for r in instance.get_run_records() for e in instance.all_logs(r.dagster_run.run_id)
+             if e.level == 20 and "crops embedded:" in (e.user_message or "")]  # logging.INFO
+    plate = materialized_home.good_plates[0]
+    done = [line for line in lines if line.startswith(f"embeddings/classical {plate}: crops embedded:")]
+    assert done and any("(100%)" in line and "/s" in line for line in done), lines[:5]
