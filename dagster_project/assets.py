@@ -79,7 +79,8 @@ def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.M
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, kinds={"parquet"},
-          check_specs=[dg.AssetCheckSpec("negative_controls_present", asset="platemap")])
+          check_specs=[dg.AssetCheckSpec("negative_controls_present", asset="platemap",
+                                       description="The plate has negative-control wells (mAP and recipes need them).")])
 def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Wells -> perturbation, control type and MoA, validated (every plate needs negative controls)."""
     summary = pipeline.load_platemap(bioembed.home(), context.partition_key, bioembed.run_config())
@@ -108,7 +109,8 @@ def segmentation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> d
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, deps=[segmentation], kinds={"zarr", "parquet"},
-          check_specs=[dg.AssetCheckSpec("cells_per_well", asset="crops")])
+          check_specs=[dg.AssetCheckSpec("cells_per_well", asset="crops",
+                                       description="Every well of the plate kept at least one cell crop.")])
 def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Single-cell crops centred on each nucleus (border cells dropped and counted) and the cell
     table; plate heatmaps of cells per well and QC-failed sites."""

@@ -98,7 +98,8 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
               pool="gpu" if setup.uses_gpu else None, kinds={"pytorch" if setup.uses_gpu else "numpy", "parquet"},
               backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=8),
               automation_condition=reembed_on_new_champion(name),
-              check_specs=[dg.AssetCheckSpec("embeddings_finite", asset=embeddings_key(name))],
+              check_specs=[dg.AssetCheckSpec("embeddings_finite", asset=embeddings_key(name),
+                                                 description="No embedding row holds a NaN or infinite value.")],
               description=f"Per-cell embeddings from encoder {name}'s champion version (loaded once per run, "
                           "batched on GPU when present); rows carry the version.")
     def embeddings_asset(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
@@ -131,7 +132,9 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
     key = dg.AssetKey(["challenger", name])
 
     @dg.asset(key=key, group_name=LEARN, deps=[crops, encoder_key(name)], kinds={"pytorch", "mlflow"},
-              pool="gpu", check_specs=[dg.AssetCheckSpec("promotion_rule", asset=key)],
+              pool="gpu", check_specs=[dg.AssetCheckSpec(
+                  "promotion_rule", asset=key,
+                  description="The promotion rule's verdict on this challenger vs the champion (passes = promote).")],
               description=f"Encoder {name} trained on the plates' crops from its champion, registered as "
                           "`challenger`, evaluated on the champion's plates with the same recipes and metrics; "
                           "the `promotion_rule` check reports the rule's decision (and applies it with promote).")

@@ -69,3 +69,13 @@ def test_timm_weights_that_are_not_local_are_refused(home) -> None:
     failures = _register(home, ["timm:resnet18"], {"timm:resnet18": {"pretrained": True}})
     assert "never downloads" in failures["encoder__timm_resnet18"]
     assert EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts).get("timm_resnet18") is None
+
+
+def test_every_asset_check_says_what_it_checks() -> None:
+    from dagster_project.graph import build_graph
+
+    graph = build_graph(["classical", "ca_mae", "supervised_cnn"])
+    specs = [spec for asset in graph.all for spec in asset.check_specs]
+    assert {s.name for s in specs} >= {"negative_controls_present", "cells_per_well", "embeddings_finite",
+                                       "promotion_rule"}
+    assert all(s.description for s in specs), [s.name for s in specs if not s.description]
