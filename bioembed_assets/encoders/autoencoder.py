@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
+from bioembed_assets.encoders.base import EMBEDDING, EncoderSpec, TensorEncoderMixin, autocast, register_family
 from bioembed_assets.encoders.camae import self_standardize, to_0_255
 from bioembed_assets.encoders.checkpoints import load_checked
 from bioembed_assets.encoders.timm_compat import import_timm
@@ -102,11 +102,11 @@ def channel_config(stains: tuple[str, ...] | None, n: int) -> dict[str, Any]:
     return {"channels": list(stains)} if stains is not None else {"num_channels": n}
 
 
-class TrainableAdapter:
+class TrainableAdapter(TensorEncoderMixin):
     """`Encoder` adapter plumbing shared by the trainable families.
 
     Subclasses set `module` (the nn.Module with all weights) and `spec`, and implement `_features`
-    (standardized float32 images on the module's device -> (B, D)).
+    (standardized float32 images on the module's device -> (B, D)), or `_tensor_outputs` for side outputs.
     """
 
     module: nn.Module
@@ -137,6 +137,20 @@ class TrainableAdapter:
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """0-255 crops -> the network's input (per-crop standardization; `self_standardize`)."""
+        return self_standardize(x)
+
+    def _tensor_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Standardized crops -> {EMBEDDING: (B, D), side outputs}."""
+        return {EMBEDDING: self._features(x)}
+
+    def embed_tensors(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """0-255 crops (B, C, H, W) on the device -> {EMBEDDING, side outputs} (masks are ignored)."""
+        self.check_images(images.shape)
+        with eval_mode(self.module), torch.inference_mode():
+            return self._tensor_outputs(self._standardize(images))
+
     def _run(self, images: np.ndarray, fn: Any, empty_shape: tuple[int, ...]) -> np.ndarray:
         """Check, convert and standardize crops, then `fn` in eval mode without autograd -> float32 numpy."""
         return self._run_all(images, lambda x: {"out": fn(x)}, {"out": empty_shape})["out"]
@@ -151,14 +165,10 @@ class TrainableAdapter:
             return {k: np.zeros((0, *shape), dtype=np.float32) for k, shape in empty_shapes.items()}
         x = torch.from_numpy(to_0_255(images)).to(self.device)
         with eval_mode(self.module), torch.inference_mode():
-            x = self_standardize(x)
+            x = self._standardize(x)
             with autocast(self.device):
                 out = fn(x)
         return {k: v.float().cpu().numpy() for k, v in out.items()}
-
-    def embed(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
-        """Crops (B, C, H, W) uint8/uint16/float (0-255) -> float32 (B, spec.embedding_dim). Masks are ignored."""
-        return self._run(images, self._features, (self.spec.embedding_dim,))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -63,6 +63,69 @@ class Encoder(Protocol):
     def to(self, device: str | torch.device) -> Any: ...
 
 
+EMBEDDING = "embedding"
+"""The key of the embedding in the outputs of `embed_tensors` (the other keys are `output_names`)."""
+
+
+@runtime_checkable
+class TensorEncoder(Encoder, Protocol):
+    """An encoder that also runs on device tensors, so the engine never brings crops back to the host.
+
+    `embed_tensors` takes float32 crops in 0-255 units (`scale_to_0_255`) on the encoder's device,
+    already at `spec.input_size` and in `spec.channels` order, and the bool masks (B, H, W) (or None);
+    it returns {EMBEDDING: (B, D), key: (B, K) for each key of `output_names`} on the device, under
+    the caller's autocast and inference mode (see `embed_numpy`).
+    """
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def embed_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]: ...
+
+
+def scale_to_0_255(images: torch.Tensor) -> torch.Tensor:
+    """Raw crops -> float32 in 0-255 units: uint8 as-is, uint16 / 257, floats assumed 0-255 already."""
+    if images.dtype == torch.uint8:
+        return images.float()
+    if images.dtype == torch.uint16:
+        return images.float() / 257.0
+    if images.dtype.is_floating_point:
+        return images.float()
+    raise TypeError(f"expected uint8, uint16 or float crops, got {images.dtype}")
+
+
+def embed_numpy(encoder: TensorEncoder, images: np.ndarray, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """`embed_tensors` for host arrays (the numpy protocol): -> {EMBEDDING: float32 (B, D), side outputs}.
+
+    Converts on the encoder's device and runs under `autocast` (bf16 on CUDA, fp32 elsewhere)."""
+    images = np.asarray(images)
+    if images.ndim >= 1 and images.shape[0] == 0:
+        widths = {EMBEDDING: encoder.spec.embedding_dim,
+                  **{k: len(v) for k, v in (getattr(encoder, "output_names", None) or {}).items()}}
+        return {k: np.zeros((0, w), dtype=np.float32) for k, w in widths.items()}
+    device = encoder.device
+    x = scale_to_0_255(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    m = None if masks is None else torch.from_numpy(np.asarray(masks, dtype=bool)).to(device)
+    with torch.inference_mode(), autocast(device):
+        out = encoder.embed_tensors(x, m)
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+class TensorEncoderMixin:
+    """`embed` and `embed_with_outputs` of the numpy protocol, for a class defining `embed_tensors`."""
+
+    def embed(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+        """Crops (B, C, H, W) uint8/uint16/float (0-255) -> float32 (B, spec.embedding_dim)."""
+        return embed_numpy(self, images, masks)[EMBEDDING]  # type: ignore[arg-type]
+
+    def embed_with_outputs(
+        self, images: np.ndarray, masks: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """-> (embedding (B, D), {key of `output_names`: float32 (B, K)})."""
+        out = embed_numpy(self, images, masks)  # type: ignore[arg-type]
+        return out.pop(EMBEDDING), out
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA (fp16 where bf16 is missing); plain fp32 elsewhere."""
     if device.type != "cuda":

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
+from bioembed_assets.encoders.base import (
+    EMBEDDING,
+    EncoderSpec,
+    TensorEncoderMixin,
+    autocast,
+    register_family,
+    scale_to_0_255,
+)
 from bioembed_assets.encoders.checkpoints import load_openphenom_backbone, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
@@ -220,17 +227,11 @@ class ChannelAgnosticViT(nn.Module):
 
 
 def to_0_255(images: np.ndarray) -> np.ndarray:
-    """Raw crops -> float32 in 0-255 units: uint8 as-is, uint16 / 257, floats assumed 0-255 already."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32)
-    if images.dtype == np.uint16:
-        return images.astype(np.float32) / 257.0
-    if np.issubdtype(images.dtype, np.floating):
-        return images.astype(np.float32, copy=False)
-    raise TypeError(f"expected uint8, uint16 or float crops, got {images.dtype}")
+    """Raw crops -> float32 in 0-255 units (`scale_to_0_255` on host arrays)."""
+    return scale_to_0_255(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 
-class CAMAEEncoder:
+class CAMAEEncoder(TensorEncoderMixin):
     """`Encoder` adapter around a `ChannelAgnosticViT`; `embed` runs the official `predict` path.
 
     Masks are ignored (whole crops are embedded). With `channelwise`, `embed` returns the per-channel
@@ -254,21 +255,16 @@ class CAMAEEncoder:
     def device(self) -> torch.device:
         return self.module.cls_token.device
 
-    def embed(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
-        """Crops (B, C, H, W) uint8/uint16/float -> float32 (B, spec.embedding_dim)."""
-        images = np.asarray(images)
+    def embed_tensors(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """0-255 crops (B, C, H, W) on the device -> {EMBEDDING: (B, spec.embedding_dim)} (the `predict` path)."""
         if self.channelwise and images.ndim == 4 and images.shape[1] != self.num_channels:
             raise ValueError(f"channelwise encoder built for {self.num_channels} channels, got {images.shape[1]}")
-        if images.ndim == 4 and images.shape[0] == 0:
-            return np.zeros((0, self.spec.embedding_dim), dtype=np.float32)
-        x = torch.from_numpy(to_0_255(images)).to(self.device)
         was_training = self.module.training
         try:
-            with torch.inference_mode(), autocast(self.device):
-                out = self.module.eval().predict(x, channelwise=self.channelwise)
+            with torch.inference_mode():
+                return {EMBEDDING: self.module.eval().predict(images, channelwise=self.channelwise)}
         finally:
             self.module.train(was_training)
-        return out.float().cpu().numpy()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Backbone keys (no prefix); with a decoder, the full OpenPhenom names (`encoder.vit_backbone.*`, ...)."""

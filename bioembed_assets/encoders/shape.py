@@ -261,6 +261,8 @@ class ShapeObjective(nn.Module):
 class ShapeEmbedEncoder(TrainableAdapter):
     """`Encoder` adapter: masks -> contours -> distance matrices -> latent (+ log scale). Images are not used."""
 
+    embed_tensors = None  # contours are traced on the host: the engine calls `embed` with host arrays
+
     def __init__(self, module: ShapeAutoencoder, spec: EncoderSpec, include_scale: bool, efd_order: int) -> None:
         self.module, self.spec = module.eval(), spec
         self.include_scale, self.efd_order = include_scale, efd_order

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioembed_assets.encoders.autoencoder import eval_mode, seeded
-from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
+from bioembed_assets.encoders.autoencoder import eval_mode, float32_region, seeded
+from bioembed_assets.encoders.base import EMBEDDING, EncoderSpec, TensorEncoderMixin, autocast, register_family
 from bioembed_assets.encoders.camae import to_0_255
 from bioembed_assets.encoders.checkpoints import (
     StateDict,
@@ -454,7 +454,7 @@ def resolve_passes(
 # -- the encoder --------------------------------------------------------------------------------------
 
 
-class SubCellEncoder:
+class SubCellEncoder(TensorEncoderMixin):
     """`Encoder` adapter around a `SubCellModel`: one pass per protein stain, embeddings concatenated.
 
     `feature_names` names the embedding columns (`SubCell_<protein>_0000` ...); with classifier heads,
@@ -479,10 +479,10 @@ class SubCellEncoder:
     def device(self) -> torch.device:
         return self.module.encoder.embeddings.cls_token.device
 
-    def _check(self, images: np.ndarray, masks: np.ndarray | None) -> None:
+    def _check(self, images: torch.Tensor, masks: torch.Tensor | None) -> None:
         channels = self.spec.channels or ()
         if images.ndim != 4:
-            raise ValueError(f"subcell encoder expects crops (B, C, H, W), got shape {images.shape}")
+            raise ValueError(f"subcell encoder expects crops (B, C, H, W), got shape {tuple(images.shape)}")
         if images.shape[1] != len(channels):
             raise ValueError(f"subcell encoder expects {len(channels)} channels {list(channels)}, "
                              f"got {images.shape[1]}")
@@ -495,57 +495,47 @@ class SubCellEncoder:
         if masks is None:
             raise ValueError("subcell encoder masks neighbours (mask_neighbours=True) and needs the cell masks "
                              "(B, H, W); got None")
-        if masks.shape != (images.shape[0], *images.shape[2:]):
+        if tuple(masks.shape) != (images.shape[0], *images.shape[2:]):
             raise ValueError(f"subcell masks must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, "
-                             f"got {masks.shape}")
+                             f"got {tuple(masks.shape)}")
 
     def _infer(
-        self, images: np.ndarray, masks: np.ndarray | None, outputs: bool = False, attention: bool = False
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
-        """-> (embeddings (B, D), {output key: (B, 31)} if `outputs`, pooler maps (B, passes, heads, h, w))."""
-        images = np.asarray(images)
-        masks = None if masks is None else np.asarray(masks, dtype=bool)
-        self._check(images, masks)
-        b, _, h, w = images.shape
+        self, x: torch.Tensor, masks: torch.Tensor | None, outputs: bool = False, attention: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """0-255 crops on the device -> (embeddings (B, D), {key: (B, 31)} if `outputs`, pooler maps
+        (B, passes, heads, h, w) if `attention`); the pooling and heads run in float32."""
+        self._check(x, masks)
+        b, _, h, w = x.shape
         patch, arch = self.module.arch.patch_size, self.module.arch
-        if b == 0:
-            maps = np.zeros((0, len(self.passes), arch.pool_heads, h // patch, w // patch), np.float32)
-            probs = {k: np.zeros((0, len(v)), np.float32) for k, v in self.output_names.items()} if outputs else {}
-            return np.zeros((0, self.spec.embedding_dim), np.float32), probs, maps if attention else None
-        x = torch.from_numpy(to_0_255(images)).to(self.device)
-        m = torch.from_numpy(masks).to(self.device) if self.mask_neighbours and masks is not None else None
+        m = masks.bool() if self.mask_neighbours and masks is not None else None
         embeddings, maps, probs = [], [], {}
         keys = list(self.output_names) or [None] * len(self.passes)
         with eval_mode(self.module), torch.inference_mode():
             for p, key in zip(self.passes, keys):
-                inp = preprocess(x[:, list(p.indices)], m, self.minmax)
-                with autocast(self.device):
-                    tokens = self.module.encoder(inp)
-                pool_op, weights = self.module.pool_model(tokens.float())  # float32 pooling and heads
-                embeddings.append(pool_op)
-                if outputs and key is not None:
-                    probs[key] = self.module.probabilities(pool_op).cpu().numpy()
+                tokens = self.module.encoder(preprocess(x[:, list(p.indices)], m, self.minmax))
+                with float32_region(x.device):
+                    pool_op, weights = self.module.pool_model(tokens.float())
+                    embeddings.append(pool_op)
+                    if outputs and key is not None:
+                        probs[key] = self.module.probabilities(pool_op)
                 if attention:
                     maps.append(weights[:, :, 1:].reshape(b, arch.pool_heads, h // patch, w // patch))
-        emb = torch.cat(embeddings, dim=1).cpu().numpy()
-        return emb, probs, torch.stack(maps, dim=1).cpu().numpy() if attention else None
+        return torch.cat(embeddings, dim=1), probs, torch.stack(maps, dim=1) if attention else None
 
-    def embed(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
-        """Crops (B, C, H, W) uint8/uint16 in `spec.channels` order, masks (B, H, W) -> float32 (B, D)."""
-        return self._infer(images, masks)[0]
-
-    def embed_with_outputs(
-        self, images: np.ndarray, masks: np.ndarray | None = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """-> (embeddings, {key in `output_names`: localization probabilities (B, 31) float32}); {} without heads."""
+    def embed_tensors(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """0-255 crops (B, C, H, W) in `spec.channels` order and masks on the device ->
+        {EMBEDDING: (B, D), key of `output_names`: localization probabilities (B, 31)} ({} without heads)."""
         emb, probs, _ = self._infer(images, masks, outputs=True)
-        return emb, probs
+        return {EMBEDDING: emb, **probs}
 
     def attention_maps(self, images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
         """The pooler's token weights per cell, CLS dropped: float32 (B, passes, pool_heads, H/16, W/16)."""
-        maps = self._infer(images, masks, attention=True)[2]
+        x = torch.from_numpy(to_0_255(np.asarray(images))).to(self.device)
+        m = None if masks is None else torch.from_numpy(np.asarray(masks, dtype=bool)).to(self.device)
+        with torch.inference_mode(), autocast(self.device):
+            maps = self._infer(x, m, attention=True)[2]
         assert maps is not None
-        return maps
+        return maps.float().cpu().numpy()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -36,7 +36,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,8 +46,7 @@ from bioembed_assets.encoders.autoencoder import (
     resolve_channels,
     seeded,
 )
-from bioembed_assets.encoders.base import EncoderSpec, autocast, register_family
-from bioembed_assets.encoders.camae import to_0_255
+from bioembed_assets.encoders.base import EncoderSpec, register_family
 from bioembed_assets.encoders.checkpoints import load_checked, load_state_dict_file
 from bioembed_assets.encoders.supervised import ClassifierObjective, SupervisedCNN, SupervisedEncoder
 from bioembed_assets.encoders.timm_compat import import_timm
@@ -139,16 +137,9 @@ class TimmEncoder(SupervisedEncoder):
         """The resize mode the model was trained with (timm's pretrained config, e.g. "bicubic")."""
         return str(self.data_config.get("interpolation", "bilinear"))
 
-    def _run(self, images: np.ndarray, fn: Any, empty_shape: tuple[int, ...]) -> np.ndarray:
-        """As `TrainableAdapter._run` but without per-crop standardization (`TimmBackbone` normalizes)."""
-        images = np.asarray(images)
-        self.check_images(images.shape)
-        if images.shape[0] == 0:
-            return np.zeros((0, *empty_shape), dtype=np.float32)
-        x = torch.from_numpy(to_0_255(images)).to(self.device)
-        with eval_mode(self.module), torch.inference_mode(), autocast(self.device):
-            out = fn(x)
-        return out.float().cpu().numpy()
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """No per-crop standardization: `TimmBackbone` normalizes 0-255 crops with the model's mean/std."""
+        return x
 
     def training_module(self, classes: list[str] | None = None) -> TimmClassifierObjective:
         """Cross-entropy over `classes` (default: the stored ones); creates the head as `SupervisedEncoder` does."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +34,7 @@ from bioembed_assets.encoders.autoencoder import (
     seeded,
     self_standardize,
 )
-from bioembed_assets.encoders.base import EncoderSpec, register_family
+from bioembed_assets.encoders.base import EMBEDDING, EncoderSpec, register_family
 from bioembed_assets.encoders.vector_quantizer import QuantizerOutput, VectorQuantizer
 
 EMBEDDINGS = ("latent", "quantized")
@@ -99,22 +98,15 @@ class VQVAEEncoder(AutoencoderEncoder):
     def output_names(self) -> dict[str, list[str]]:
         return {"vq_codes": latent_feature_names(self.module, self.spec.channels, stem="code", per_dim=False)}
 
-    def _outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _tensor_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Standardized crops -> {EMBEDDING: the flattened latent (or its quantization), "vq_codes": float code indices}."""
         z, vq = self.module.quantize(x)
         flat = self.module.flatten_latent
         emb = z if self.embed_kind == "latent" else vq.quantized
-        return {"embedding": flat(emb), "vq_codes": flat(vq.codes).float()}
+        return {EMBEDDING: flat(emb), "vq_codes": flat(vq.codes).float()}
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._outputs(x)["embedding"]
-
-    def embed_with_outputs(
-        self, images: np.ndarray, masks: np.ndarray | None = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Crops -> (embedding (B, D), {"vq_codes": float32 code indices (B, len(output_names["vq_codes"]))})."""
-        shapes = {"embedding": (self.spec.embedding_dim,), "vq_codes": (len(self.output_names["vq_codes"]),)}
-        out = self._run_all(images, self._outputs, shapes)
-        return out.pop("embedding"), out
+        return self._tensor_outputs(x)[EMBEDDING]
 
     def training_module(self, classes: list[str] | None = None) -> VQVAEObjective:
         """The loss module (labels and `classes` are not used: training is unsupervised)."""
