@@ -42,7 +42,7 @@ def needs_evaluation(home: Home, version: EncoderVersion, plates: Sequence[str])
 
 
 def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVersion, plates: Sequence[str],
-                     recipes: Mapping[str, str], *, device: str = "auto", batch_size: int = 256,
+                     recipes: Mapping[str, str], *, device: str = "auto", batch_size: int | None = None,
                      null_size: int = 10000, crossfit: CrossFit = "auto",
                      log: Callable[[str], None] = print) -> feature_sets.Evaluation:
     """Embed, profile, normalize and evaluate `version` on `plates`; log the runs to MLflow."""
@@ -63,7 +63,7 @@ def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVers
 
 def evaluate_against_champion(home: Home, registry: EncoderRegistry, champion: EncoderVersion,
                               challenger: EncoderVersion, recipes: Mapping[str, str], *, device: str = "auto",
-                              batch_size: int = 256, null_size: int = 10000, crossfit: CrossFit = "auto",
+                              batch_size: int | None = None, null_size: int = 10000, crossfit: CrossFit = "auto",
                               log: Callable[[str], None] = print) -> feature_sets.Evaluation:
     """Evaluate `challenger` on the champion's plates, and the champion too unless its metrics
     already come from exactly those plates; returns the challenger's evaluation."""

@@ -6,6 +6,8 @@ its inputs from the home, writes its outputs atomically, and returns a small sum
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -27,8 +29,9 @@ from bioembed_assets.images.plots import plate_heatmap_png
 from bioembed_assets.images.qc import site_qc
 from bioembed_assets.images.store import ingest_plate
 from bioembed_assets.inference import (
+    EmbeddingRun,
+    EngineOptions,
     ProgressCallback,
-    embed_crop_store_with_outputs,
     encoder_feature_names,
     encoder_outputs,
 )
@@ -270,12 +273,16 @@ def plate_heatmaps(home: Home, plate: str) -> dict[str, bytes]:
 
 @one_run_per_plate("embeddings")
 def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersion,
-                batch_size: int = 256, progress: ProgressCallback | None = None, reuse: bool = True) -> dict:
+                batch_size: int | None = None, progress: ProgressCallback | None = None, reuse: bool = True,
+                engine: EngineOptions | None = None) -> dict:
     """Every crop of the plate through one encoder version -> `embeddings` lake partition.
 
-    With `reuse`, rows this version already wrote for exactly the plate's current cells (written
-    after its crop store) are kept: a version's weights never change, so they would come out the
-    same (this is what makes a rollback or the promotion of an evaluated challenger cheap).
+    Rows are written as the engine yields them (memory holds a few batches, not the plate) into
+    temporary files that replace the partitions only when the plate is done: a crash mid-plate
+    leaves none of its new rows visible. With `reuse`, rows this version already wrote for exactly
+    the plate's current cells (written after its crop store) are kept: a version's weights never
+    change, so they would come out the same (this is what makes a resumed run, a rollback or the
+    promotion of an evaluated challenger cheap). `batch_size` overrides `engine.batch_size`.
     """
     lake = Lake(home.lake)
     cells = lake.read("cells", plate=plate).sort("crop_index")
@@ -283,26 +290,44 @@ def embed_plate(home: Home, plate: str, encoder: Encoder, version: EncoderVersio
     if reuse and (existing := _reusable_embeddings(home, plate, version, cells)) is not None:
         return {"cells": existing.height, "dim": int(len(existing[s.FEATURES][0])), "reused": True,
                 "nan_rows": int(np.isnan(features_to_numpy(existing)).any(1).sum())}
+    engine = engine or EngineOptions()
+    if batch_size is not None:
+        engine = dataclasses.replace(engine, batch_size=batch_size)
     t0 = time.perf_counter()
-    X, side = embed_crop_store_with_outputs(encoder, home.crop_store(plate), batch_size=batch_size, progress=progress)
-    seconds = time.perf_counter() - t0
-    if X.shape[0] != cells.height:
-        raise RuntimeError(f"plate {plate}: {X.shape[0]} embeddings for {cells.height} cells")
+    run = EmbeddingRun(encoder, home.crop_store(plate), engine, progress)
+    if run.n != cells.height:
+        raise RuntimeError(f"plate {plate}: the crop store holds {run.n} crops for {cells.height} cells")
     keys = dict(encoder=version.name, version=version.version)
     meta = cells.select(s.PLATE, s.WELL, s.SITE, s.CELL_ID).with_columns(
         pl.lit(version.name).alias(s.ENCODER), pl.lit(version.version).alias(s.ENCODER_VERSION))
     write_feature_names(lake, encoder, version)
-    if side:  # side outputs first: the embeddings partition is what marks the plate as embedded
-        lake.write("cell_outputs", pl.concat([with_features(meta.with_columns(pl.lit(key).alias("output")), values,
-                                                            column="values") for key, values in side.items()]),
-                   **keys, plate=plate)
-    lake.write("embeddings", with_features(meta, X), **keys, plate=plate)
+    nan_rows, write_seconds = 0, 0.0
+    with contextlib.ExitStack() as stack:
+        append_rows = stack.enter_context(lake.writer("embeddings", **keys, plate=plate))
+        # side outputs are committed first (an ExitStack exits in reverse): the embeddings
+        # partition is what marks the plate as embedded
+        append_side = stack.enter_context(lake.writer("cell_outputs", **keys, plate=plate)) if run.output_names else None
+        batches = stack.enter_context(contextlib.closing(iter(run)))  # reader threads joined on any exit
+        for batch in batches:
+            t_write = time.perf_counter()
+            rows = meta.slice(batch.start, len(batch))
+            append_rows(with_features(rows, batch.embeddings))
+            if append_side is not None:
+                append_side(pl.concat([with_features(rows.with_columns(pl.lit(key).alias("output")), values,
+                                                     column="values") for key, values in batch.outputs.items()]))
+            nan_rows += int(np.isnan(batch.embeddings).any(1).sum())
+            write_seconds += time.perf_counter() - t_write
+    seconds = time.perf_counter() - t0
+    rate = run.n / seconds if seconds > 0 else float("nan")
     lake.write("embedding_stats", pl.DataFrame({
-        s.PLATE: [plate], s.ENCODER: [version.name], s.ENCODER_VERSION: [version.version], "cells": [X.shape[0]],
-        "seconds": [seconds], "crops_per_second": [X.shape[0] / seconds if seconds > 0 else float("nan")],
-        "device": [str(getattr(encoder, "device", "cpu"))], "batch_size": [batch_size]}), **keys, plate=plate)
-    return {"cells": int(X.shape[0]), "dim": int(X.shape[1]), "reused": False,
-            "nan_rows": int(np.isnan(X).any(1).sum()), "crops_per_second": round(X.shape[0] / max(seconds, 1e-9), 1)}
+        s.PLATE: [plate], s.ENCODER: [version.name], s.ENCODER_VERSION: [version.version], "cells": [run.n],
+        "seconds": [seconds], "crops_per_second": [rate], "device": [str(run.device)],
+        "batch_size": [run.batch_size], "precision": [run.precision],
+        **{f"{stage}_seconds": [value] for stage, value in run.stages.as_dict().items()},
+        "write_seconds": [write_seconds]}), **keys, plate=plate)
+    return {"cells": run.n, "dim": encoder.spec.embedding_dim, "reused": False, "nan_rows": nan_rows,
+            "crops_per_second": round(rate, 1), "batch_size": run.batch_size, "precision": run.precision,
+            "stages": {**run.stages.as_dict(), "write": round(write_seconds, 4)}}
 
 
 def write_feature_names(lake: Lake, encoder: Encoder, version: EncoderVersion) -> None:

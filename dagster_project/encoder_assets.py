@@ -109,7 +109,7 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
         nan_rows, reused = 0, 0
         for plate in context.partition_keys:
             summary = pipeline.embed_plate(
-                bioembed.home(), plate, model, version, batch_size=bioembed.batch_size,
+                bioembed.home(), plate, model, version, engine=bioembed.engine_options(),
                 reuse=bioembed.reuse_embeddings,
                 progress=info_progress(context.log, f"embeddings/{name} {plate}: crops embedded"))
             nan_rows += summary["nan_rows"]

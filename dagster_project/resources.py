@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
+from bioembed_assets.inference import EngineOptions
 from bioembed_assets.pipeline import EncoderSetup, encoder_setups, load_run_config
 from bioembed_assets.registry import EncoderRegistry, EncoderVersion
 
@@ -19,13 +20,25 @@ class BioembedHome(dg.ConfigurableResource):
     encoders: list[str] = ["classical", "ca_mae"]
     crop_size: int = 64
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int | None = None
+    """Crops per embedding batch (None: from the free GPU memory, or 128 on CPU)."""
+    precision: str = "auto"
+    """Embedding precision: auto (bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPU), fp32, bf16, fp16."""
+    reader_workers: int | None = None
+    """Threads decoding crop batches ahead of the encoder (None: one per core, at most 4)."""
+    compile: bool = False
+    """torch.compile the encoders' tensor path (falls back to eager, with a warning, where it fails)."""
     null_size: int = 10000
     reuse_embeddings: bool = True
     """Keep a version's stored rows for a plate whose cells are unchanged (False: always recompute)."""
 
     def home(self) -> Home:
         return Home(root=Path(self.root).expanduser().resolve()).ensure()
+
+    def engine_options(self) -> EngineOptions:
+        """How the embedding engine runs (see `bioembed_assets.inference.EngineOptions`)."""
+        return EngineOptions(batch_size=self.batch_size, precision=self.precision, workers=self.reader_workers,
+                             compile=self.compile)
 
     def registry(self) -> EncoderRegistry:
         home = self.home()

@@ -83,15 +83,16 @@ class TensorEncoder(Encoder, Protocol):
     def embed_tensors(self, images: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]: ...
 
 
-def scale_to_0_255(images: torch.Tensor) -> torch.Tensor:
-    """Raw crops -> float32 in 0-255 units: uint8 as-is, uint16 / 257, floats assumed 0-255 already."""
-    if images.dtype == torch.uint8:
-        return images.float()
-    if images.dtype == torch.uint16:
+def scale_to_0_255(images: torch.Tensor, stored: torch.dtype | None = None) -> torch.Tensor:
+    """Raw crops -> float32 in 0-255 units: uint8 as-is, uint16 / 257, floats assumed 0-255 already.
+
+    `stored` is the dtype the values were stored in, when `images` already holds them as floats."""
+    stored = images.dtype if stored is None else stored
+    if stored == torch.uint16:
         return images.float() / 257.0
-    if images.dtype.is_floating_point:
+    if stored == torch.uint8 or stored.is_floating_point:
         return images.float()
-    raise TypeError(f"expected uint8, uint16 or float crops, got {images.dtype}")
+    raise TypeError(f"expected uint8, uint16 or float crops, got {stored}")
 
 
 def embed_numpy(encoder: TensorEncoder, images: np.ndarray, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -6,15 +6,17 @@ key columns, so readers never depend on hive-partition parsing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from bioembed_assets import schema as s
-from bioembed_assets.store.atomic import atomic_dir, remove_atomic, write_parquet_atomic
+from bioembed_assets.store.atomic import atomic_dir, atomic_file, remove_atomic, write_parquet_atomic
 
 PART_FILE = "part-0.parquet"
 _FEATURES_DTYPE = pl.List(pl.Float32)
@@ -120,6 +122,30 @@ class Lake:
     def write(self, table: str, df: pl.DataFrame, **keys: str) -> Path:
         """Replace exactly one partition of `table` with `df` (columns cast to the contract)."""
         return write_parquet_atomic(self._conform(table, df), self.partition_path(table, **keys))
+
+    @contextlib.contextmanager
+    def writer(self, table: str, **keys: str) -> Iterator[Callable[[pl.DataFrame], None]]:
+        """Write one partition of `table` in pieces: yields `append(df)`; each piece becomes a parquet
+        row group of a temporary file that replaces the partition when the block ends without error
+        (readers see the old partition or the whole new one, never a part; an error leaves no file)."""
+        target = self.partition_path(table, **keys)
+        with atomic_file(target) as tmp:
+            out: pq.ParquetWriter | None = None
+
+            def append(df: pl.DataFrame) -> None:
+                nonlocal out
+                arrow = self._conform(table, df).to_arrow()
+                if out is None:
+                    out = pq.ParquetWriter(tmp, arrow.schema, compression="zstd")
+                out.write_table(arrow)
+
+            try:
+                yield append
+                if out is None:
+                    append(pl.DataFrame(schema=dict(self.table(table).columns)))
+            finally:
+                if out is not None:
+                    out.close()
 
     def _conform(self, table: str, df: pl.DataFrame) -> pl.DataFrame:
         """`df` with the contract's columns first, cast to their types (extra columns kept after)."""
