@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioembed_assets.encoders.base import EMBEDDING, EncoderSpec, TensorEncoderMixin, autocast, register_family
+from bioembed_assets.encoders.base import (
+    EMBEDDING,
+    EncoderSpec,
+    TensorEncoderMixin,
+    autocast,
+    register_family,
+    without_autograd,
+)
 from bioembed_assets.encoders.camae import self_standardize, to_0_255
 from bioembed_assets.encoders.checkpoints import load_checked
 from bioembed_assets.encoders.timm_compat import import_timm
@@ -148,7 +155,7 @@ class TrainableAdapter(TensorEncoderMixin):
     def embed_tensors(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """0-255 crops (B, C, H, W) on the device -> {EMBEDDING, side outputs} (masks are ignored)."""
         self.check_images(images.shape)
-        with eval_mode(self.module), torch.inference_mode():
+        with eval_mode(self.module), without_autograd():
             return self._tensor_outputs(self._standardize(images))
 
     def _run(self, images: np.ndarray, fn: Any, empty_shape: tuple[int, ...]) -> np.ndarray:

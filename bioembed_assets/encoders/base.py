@@ -135,6 +135,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def without_autograd() -> contextlib.AbstractContextManager[Any]:
+    """`torch.inference_mode` for an eager forward; nothing when autograd is already off, as under
+    the engine's compiled graph (Dynamo cannot trace into an inference-mode region)."""
+    return torch.inference_mode() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 EncoderBuilder = Callable[..., Encoder]
 _FAMILIES: dict[str, EncoderBuilder] = {}
 

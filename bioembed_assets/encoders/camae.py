@@ -27,6 +27,7 @@ from bioembed_assets.encoders.base import (
     autocast,
     register_family,
     scale_to_0_255,
+    without_autograd,
 )
 from bioembed_assets.encoders.checkpoints import load_openphenom_backbone, strip_wrapper_prefixes
 
@@ -261,7 +262,7 @@ class CAMAEEncoder(TensorEncoderMixin):
             raise ValueError(f"channelwise encoder built for {self.num_channels} channels, got {images.shape[1]}")
         was_training = self.module.training
         try:
-            with torch.inference_mode():
+            with without_autograd():
                 return {EMBEDDING: self.module.eval().predict(images, channelwise=self.channelwise)}
         finally:
             self.module.train(was_training)

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioembed_assets.encoders.autoencoder import eval_mode, float32_region, seeded
-from bioembed_assets.encoders.base import EMBEDDING, EncoderSpec, TensorEncoderMixin, autocast, register_family
+from bioembed_assets.encoders.base import (
+    EMBEDDING,
+    EncoderSpec,
+    TensorEncoderMixin,
+    autocast,
+    register_family,
+    without_autograd,
+)
 from bioembed_assets.encoders.camae import to_0_255
 from bioembed_assets.encoders.checkpoints import (
     StateDict,
@@ -510,7 +517,7 @@ class SubCellEncoder(TensorEncoderMixin):
         m = masks.bool() if self.mask_neighbours and masks is not None else None
         embeddings, maps, probs = [], [], {}
         keys = list(self.output_names) or [None] * len(self.passes)
-        with eval_mode(self.module), torch.inference_mode():
+        with eval_mode(self.module), without_autograd():
             for p, key in zip(self.passes, keys):
                 tokens = self.module.encoder(preprocess(x[:, list(p.indices)], m, self.minmax))
                 with float32_region(x.device):

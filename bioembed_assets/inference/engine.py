@@ -193,7 +193,11 @@ class EmbeddingRun:
 
     def _call(self, fn: Callable[..., Outputs] | None, images: torch.Tensor, masks: torch.Tensor) -> Outputs:
         assert fn is not None
-        with torch.inference_mode(), precision_context(self.precision, self.device):
+        # A compiled graph runs under no_grad: Dynamo cannot trace into inference-mode regions
+        # ("Cannot set version_counter for inference tensor"); the encoders skip their own
+        # inference_mode when autograd is already off.
+        grad_off = torch.no_grad() if fn is self._compiled_fn else torch.inference_mode()
+        with grad_off, precision_context(self.precision, self.device):
             return fn(images, masks)
 
     def _run_chunk(self, images: torch.Tensor, masks: torch.Tensor) -> Outputs:
@@ -212,6 +216,7 @@ class EmbeddingRun:
                     raise
                 log.warning("%s: torch.compile failed (%s: %s); embedding in eager mode", self.where,
                             type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                log.debug("%s: the torch.compile failure in full", self.where, exc_info=err)
                 self._compiled_fn, self.compiled = None, False
                 images, masks = images[:b], masks[:b]
         return self._call(self._eager, images, masks)
