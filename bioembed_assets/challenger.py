@@ -43,9 +43,9 @@ def needs_evaluation(home: Home, version: EncoderVersion, plates: Sequence[str])
 
 def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVersion, plates: Sequence[str],
                      recipes: Mapping[str, str], *, device: str = "auto", batch_size: int | None = None,
-                     null_size: int = 10000, crossfit: CrossFit = "auto",
+                     null_size: int = 10000, crossfit: CrossFit = "auto", tags: Mapping[str, str] | None = None,
                      log: Callable[[str], None] = print) -> feature_sets.Evaluation:
-    """Embed, profile, normalize and evaluate `version` on `plates`; log the runs to MLflow."""
+    """Embed, profile, normalize and evaluate `version` on `plates`; log the runs to MLflow (with `tags`)."""
     if not plates:
         raise LookupError(f"no plates to evaluate {version.name} v{version.version} on; materialize crops first")
     encoder = registry.load_version(version).to(resolve_device(device))
@@ -57,18 +57,19 @@ def evaluate_version(home: Home, registry: EncoderRegistry, version: EncoderVers
     _drop_other_plates(home, version, plates)
     feature_sets.normalize_feature_set(home, version, recipes)
     result = feature_sets.evaluate_feature_set(home, version, recipes, null_size=null_size, crossfit=crossfit)
-    log_evaluation_runs(home, registry, version, result, recipes, plates)
+    result.mlflow_runs = log_evaluation_runs(home, registry, version, result, recipes, plates, tags=tags)
     return result
 
 
 def evaluate_against_champion(home: Home, registry: EncoderRegistry, champion: EncoderVersion,
                               challenger: EncoderVersion, recipes: Mapping[str, str], *, device: str = "auto",
                               batch_size: int | None = None, null_size: int = 10000, crossfit: CrossFit = "auto",
+                              tags: Mapping[str, str] | None = None,
                               log: Callable[[str], None] = print) -> feature_sets.Evaluation:
     """Evaluate `challenger` on the champion's plates, and the champion too unless its metrics
     already come from exactly those plates; returns the challenger's evaluation."""
     plates = evaluation_plates(home, champion)
-    kwargs = dict(device=device, batch_size=batch_size, null_size=null_size, crossfit=crossfit, log=log)
+    kwargs = dict(device=device, batch_size=batch_size, null_size=null_size, crossfit=crossfit, tags=tags, log=log)
     if needs_evaluation(home, champion, plates):
         evaluate_version(home, registry, champion, plates, recipes, **kwargs)
     return evaluate_version(home, registry, challenger, plates, recipes, **kwargs)
@@ -84,9 +85,10 @@ def _drop_other_plates(home: Home, version: EncoderVersion, plates: Sequence[str
 
 def log_evaluation_runs(home: Home, registry: EncoderRegistry, version: EncoderVersion,
                         result: feature_sets.Evaluation, recipes: Mapping[str, str],
-                        plates: Sequence[str]) -> dict[str, str]:
+                        plates: Sequence[str], tags: Mapping[str, str] | None = None) -> dict[str, str]:
     """One MLflow run per recipe (found again by its tags and updated when re-evaluated): metrics
-    linked to the version's logged model and the evaluation dataset, plots as artifacts."""
+    linked to the version's logged model and the evaluation dataset, plots as artifacts; `tags`
+    (e.g. the orchestrator's run id) are set on it too. Returns recipe -> run id."""
     import mlflow
 
     experiment = registry.experiment_id(EVALUATION_EXPERIMENT)
@@ -96,13 +98,13 @@ def log_evaluation_runs(home: Home, registry: EncoderRegistry, version: EncoderV
         pl.DataFrame({s.PLATE: sorted(plates)}), name=f"{version.name}-v{version.version}-wells",
         source=str(home.lake / "well_profiles" / f"encoder={version.name}" / f"version={version.version}"))
     for recipe in sorted(scalars[s.RECIPE].unique().to_list()):
-        tags = {"encoder": version.name, "encoder_version": version.version, "recipe": recipe,
-                "model_id": version.model_id or ""}
-        query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if k != "model_id")
+        keys = {"encoder": version.name, "encoder_version": version.version, "recipe": recipe}
+        query = " and ".join(f"tags.{k} = '{v}'" for k, v in keys.items())
         found = registry.client.search_runs([experiment], filter_string=query, max_results=1)
         run_id = found[0].info.run_id if found else None
+        run_tags = {**keys, "model_id": version.model_id or "", **(tags or {})}
         with mlflow.start_run(run_id=run_id, experiment_id=experiment,
-                              run_name=f"{version.name} v{version.version} {recipe}", tags=tags) as run:
+                              run_name=f"{version.name} v{version.version} {recipe}", tags=run_tags) as run:
             if run_id is None:
                 mlflow.log_params({"recipe_steps": recipes.get(recipe, "raw (well medians)"), "plates": len(plates)})
                 mlflow.log_input(dataset, context="evaluation")

@@ -184,12 +184,14 @@ class RecipeFitError(RuntimeError):
 @dataclass
 class Evaluation:
     """Scalar metrics per recipe, per-group mAP tables, PNG plots and per-recipe status of one
-    feature set (`failed`: recipe -> error, for recipes that could not be evaluated)."""
+    feature set (`failed`: recipe -> error, for recipes that could not be evaluated; `mlflow_runs`:
+    recipe -> the MLflow run its metrics were logged to, once logged)."""
 
     metrics: pl.DataFrame
     groups: pl.DataFrame
     plots: dict[str, bytes]
     failed: dict[str, str] = field(default_factory=dict)
+    mlflow_runs: dict[str, str] = field(default_factory=dict)
 
     def value(self, recipe: str, metric: str) -> float:
         row = self.metrics.filter((pl.col(s.RECIPE) == recipe) & (pl.col("metric") == metric))

@@ -1,7 +1,6 @@
 """Plate ingest and profile-import assets (encoder-independent). Each is a thin call into the library."""
 
 
-import base64
 import time
 from typing import Literal
 
@@ -19,6 +18,7 @@ from bioembed_assets.sources.profile_table import (
     saved_imports,
 )
 from bioembed_assets.store.catalog import build_catalog
+from dagster_project.metadata import evaluation_metadata, lake_table_metadata, png_markdown, table_value
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
@@ -27,12 +27,6 @@ INGEST, EMBED, PROFILE, EVALUATE, IMPORT, LEARN = "ingest", "embed", "profile", 
 
 def check_result(name: str, asset: str, passed: bool, **metadata) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=name, asset_key=asset, passed=bool(passed), metadata=metadata)
-
-
-def markdown_table(df: pl.DataFrame) -> str:
-    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True,
-                   tbl_hide_dataframe_shape=True, tbl_rows=-1, float_precision=3):
-        return str(df)
 
 
 def info_progress(log, what: str, every: float = 0.1):
@@ -49,18 +43,6 @@ def info_progress(log, what: str, every: float = 0.1):
     return progress
 
 
-def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
-
-
-def evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[str, dg.MetadataValue]:
-    meta = {f"{prefix}metrics": dg.MetadataValue.md(markdown_table(result.metrics.select("recipe", "metric", "value")))}
-    if result.failed:
-        meta[f"{prefix}failed_recipes"] = dg.MetadataValue.md(markdown_table(pl.DataFrame(
-            {"recipe": list(result.failed), "error": list(result.failed.values())})))
-    return meta | {f"{prefix}{plot}": png_markdown(png, plot) for plot, png in result.plots.items()}
-
-
 def raise_if_recipes_failed(failed: dict[str, str], metadata: dict) -> None:
     """Fail the step after every other recipe's results were written (the run's status says some
     failed; the `recipe_status` table keeps each error)."""
@@ -74,8 +56,9 @@ def raise_if_recipes_failed(failed: dict[str, str], metadata: dict) -> None:
 def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Plate images ingested from their acquisition layout into a zarr plate store, plus the image
     table with per-site QC (focus, saturation, intensity; failing sites are excluded downstream)."""
-    summary = pipeline.ingest_raw_plate(bioembed.home(), context.partition_key, bioembed.run_config())
-    return dg.MaterializeResult(metadata=summary)
+    home, plate = bioembed.home(), context.partition_key
+    summary = pipeline.ingest_raw_plate(home, plate, bioembed.run_config())
+    return dg.MaterializeResult(metadata={**summary, **lake_table_metadata(home, "images", [{"plate": plate}])})
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, kinds={"parquet"},
@@ -83,12 +66,13 @@ def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.M
                                        description="The plate has negative-control wells (mAP and recipes need them).")])
 def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Wells -> perturbation, control type and MoA, validated (every plate needs negative controls)."""
-    summary = pipeline.load_platemap(bioembed.home(), context.partition_key, bioembed.run_config())
+    home, plate = bioembed.home(), context.partition_key
+    summary = pipeline.load_platemap(home, plate, bioembed.run_config())
     if "warning" in summary:
         context.log.warning(summary["warning"])
     n_neg = summary.get("negative_wells", 0)
     return dg.MaterializeResult(
-        metadata=summary,
+        metadata={**summary, **lake_table_metadata(home, "platemap", [{"plate": plate}])},
         check_results=[check_result("negative_controls_present", "platemap", n_neg > 0, negative_wells=n_neg)])
 
 
@@ -103,9 +87,10 @@ def illumination(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> d
 @dg.asset(partitions_def=plates, group_name=INGEST, deps=[illumination], kinds={"zarr", "parquet"})
 def segmentation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Nuclei masks (threshold + watershed on DNA; whole cells when configured) and the nucleus table."""
-    summary = pipeline.segment_raw_plate(bioembed.home(), context.partition_key, bioembed.run_config())
-    context.log.info(f"plate {context.partition_key}: {summary['nuclei']} nuclei")
-    return dg.MaterializeResult(metadata=summary)
+    home, plate = bioembed.home(), context.partition_key
+    summary = pipeline.segment_raw_plate(home, plate, bioembed.run_config())
+    context.log.info(f"plate {plate}: {summary['nuclei']} nuclei")
+    return dg.MaterializeResult(metadata={**summary, **lake_table_metadata(home, "nuclei", [{"plate": plate}])})
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, deps=[segmentation], kinds={"zarr", "parquet"},
@@ -119,7 +104,7 @@ def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Mater
     heatmaps = {name: png_markdown(png, name) for name, png in pipeline.plate_heatmaps(home, plate).items()}
     ok = summary["min_cells_per_well"] >= 1
     return dg.MaterializeResult(
-        metadata={**summary, **heatmaps},
+        metadata={**summary, **lake_table_metadata(home, "cells", [{"plate": plate}]), **heatmaps},
         check_results=[check_result("cells_per_well", "crops", ok, min_cells_per_well=summary["min_cells_per_well"])])
 
 
@@ -203,7 +188,7 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
     rows += [(name, None, None, None, None, None, None, error) for name, error in sorted(failed.items())]
     table = pl.DataFrame(rows, schema=["feature_set", "version", "wells", "plates", "features",
                                        "dropped_not_shared", "dropped_non_numeric", "error"], orient="row")
-    metadata = {"imports": dg.MetadataValue.md(markdown_table(table))}
+    metadata = {"imports": table_value(table)}
     if failed:
         raise dg.Failure(description=f"{len(failed)} registered import(s) failed (the others were imported): "
                          + "; ".join(f"{name}: {error}" for name, error in sorted(failed.items())), metadata=metadata)

@@ -19,14 +19,15 @@ from bioembed_assets.promotion import apply_promotion, decide
 from bioembed_assets.registry import CHALLENGER
 from bioembed_assets.training.loop import TrainConfig
 from bioembed_assets.training.run import train_challenger
-from dagster_project.assets import (
-    EMBED,
-    LEARN,
-    check_result,
-    crops,
+from dagster_project.assets import EMBED, LEARN, check_result, crops, info_progress
+from dagster_project.metadata import (
+    DAGSTER_RUN_TAG,
     evaluation_metadata,
-    info_progress,
-    markdown_table,
+    evaluation_run_links,
+    lake_table_metadata,
+    mlflow_run_url,
+    mlflow_version_url,
+    table_value,
 )
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
@@ -91,7 +92,8 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
         options = pipeline.encoder_options(run_config, setup)
         version = bioembed.registry().ensure(name, lambda: setup.build(run_config.channels, options),
                                              description=setup.description)
-        return dg.MaterializeResult(metadata={CHAMPION_VERSION: version.version, "state": version.describe()},
+        return dg.MaterializeResult(metadata={CHAMPION_VERSION: version.version, "state": version.describe(),
+                                              "mlflow_model_version": mlflow_version_url(bioembed.mlflow_ui_url, version)},
                                     data_version=dg.DataVersion(version.version))
 
     @dg.asset(key=embeddings_key(name), partitions_def=plates, group_name=EMBED, deps=[crops, encoder_key(name)],
@@ -116,8 +118,14 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
             reused += summary["reused"]
             context.log.info(f"{name} v{version.version} plate {plate}: {summary['cells']} cells "
                              f"{'(rows of this version reused)' if summary['reused'] else 'embedded'}")
+        # one plate per run: its rows; a multi-plate run's result is recorded on each plate, so no count
+        written = [dict(encoder=version.name, version=version.version, plate=p) for p in context.partition_keys]
+        table = lake_table_metadata(bioembed.home(), "embeddings", written)
+        if len(written) > 1:
+            table.pop("dagster/row_count", None)
         return dg.MaterializeResult(
-            metadata={"encoder_version": version.version, "device": str(device), "plates_reused": reused},
+            metadata={"encoder_version": version.version, "device": str(device), "plates_reused": reused,
+                      "mlflow_model_version": mlflow_version_url(bioembed.mlflow_ui_url, version), **table},
             data_version=dg.DataVersion(version.version),
             check_results=[check_result("embeddings_finite", embeddings_key(name), nan_rows == 0, nan_rows=nan_rows)])
 
@@ -144,13 +152,15 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
         run_config.promotion.check_names(list(run_config.recipes))
         champion = bioembed.champion(name)
         meta: dict = {}
+        tags = {DAGSTER_RUN_TAG: context.run_id}
         if config.train:
             base = registry.load_version(champion)
             plates_ = config.plates or challenger_lib.evaluation_plates(home, champion)
             outcome = train_challenger(home, registry, name, base, champion, plates_, config.train_config(),
                                        resume=config.resume, log=context.log.info,
-                                       progress=_DagsterProgress(context))
-            meta |= {"training_run": outcome.run_id, "training_seconds": round(outcome.seconds, 1),
+                                       progress=_DagsterProgress(context), tags=tags)
+            meta |= {"training_run": mlflow_run_url(bioembed.mlflow_ui_url, registry, outcome.run_id),
+                     "training_seconds": round(outcome.seconds, 1),
                      "epochs_run": len(outcome.result.history), "best_val_loss": outcome.result.best_val_loss}
         version = registry.get(name, CHALLENGER)
         if version is None:
@@ -158,7 +168,7 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
         result = challenger_lib.evaluate_against_champion(
             home, registry, champion, version, run_config.recipes, device=bioembed.device,
             batch_size=bioembed.batch_size, null_size=bioembed.null_size, crossfit=run_config.crossfit,
-            log=context.log.info)
+            tags=tags, log=context.log.info)
         decision = decide(home, registry, name, run_config.promotion, list(run_config.recipes))
         context.log.info(decision.summary())
         if config.promote and decision.promote:
@@ -166,12 +176,12 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
             context.log.info(f"promoted {name} v{version.version} to champion")
         table = challenger_lib.compare_table(home, [("champion", champion), ("challenger", version)])
         meta |= {"challenger_version": version.version, "champion_version": champion.version,
+                 "challenger_mlflow_version": mlflow_version_url(bioembed.mlflow_ui_url, version),
                  "decision": decision.summary(), "promoted": bool(config.promote and decision.promote),
-                 "comparison": dg.MetadataValue.md(markdown_table(table)),
-                 **evaluation_metadata(result, "challenger_")}
+                 "comparison": table_value(table), **evaluation_metadata(result, "challenger_"),
+                 **evaluation_run_links(bioembed.mlflow_ui_url, registry, result, "challenger_")}
         return dg.MaterializeResult(metadata=meta, check_results=[check_result(
-            "promotion_rule", key, decision.promote, decision=decision.summary(),
-            rule=dg.MetadataValue.md(markdown_table(decision.table())))])
+            "promotion_rule", key, decision.promote, decision=decision.summary(), rule=table_value(decision.table()))])
 
     return challenger_asset
 

@@ -24,14 +24,19 @@ from dagster_project.assets import (
     IMPORT_ASSETS,
     INGEST_ASSETS,
     PROFILE,
-    evaluation_metadata,
     info_progress,
-    markdown_table,
     platemap,
-    png_markdown,
     raise_if_recipes_failed,
 )
 from dagster_project.encoder_assets import build_encoder_assets, embeddings_key
+from dagster_project.metadata import (
+    DAGSTER_RUN_TAG,
+    evaluation_metadata,
+    evaluation_run_links,
+    lake_table_metadata,
+    png_markdown,
+    table_value,
+)
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
 
@@ -58,13 +63,14 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
               kinds={"parquet"}, automation_condition=refresh_when_upstream_updates(True))
     def well_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Cell -> well aggregation (median) of each encoder's champion embeddings, joined to the platemap."""
-        home, meta = bioembed.home(), {}
+        home, plate, meta, written = bioembed.home(), context.partition_key, {}, []
         for name in names:
             version = bioembed.champion(name)
-            summary = pipeline.profile_plate(home, context.partition_key, version)
+            summary = pipeline.profile_plate(home, plate, version)
             meta[name] = f"v{version.version}: {summary['wells']} wells"
             meta["cells_excluded_by_qc"] = summary["cells_excluded_by_qc"]
-        return dg.MaterializeResult(metadata=meta)
+            written.append(dict(encoder=version.name, version=version.version, plate=plate))
+        return dg.MaterializeResult(metadata={**meta, **lake_table_metadata(home, "well_profiles", written)})
 
     @dg.asset(group_name=PROFILE, deps=[well_profiles], kinds={"numpy"},
               automation_condition=refresh_when_upstream_updates(False))
@@ -88,18 +94,20 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
               automation_condition=refresh_when_upstream_updates(True, only=normalizer))  # after the refit
     def normalized_profiles(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
         """Each plate's well profiles through every fitted recipe (rows record recipe name and steps)."""
-        home, recipes = bioembed.home(), bioembed.run_config().recipes
-        skipped = []
+        home, recipes, plate = bioembed.home(), bioembed.run_config().recipes, context.partition_key
+        skipped, written = [], []
         for name in names:
             version = bioembed.champion(name)
             for recipe in recipes:
                 if feature_sets.fit_error(home, version, recipe) is not None:
                     skipped.append(f"{name}/{recipe}")  # its fit failed: nothing to apply (see recipe_status)
                     continue
-                feature_sets.normalize_plate(home, context.partition_key, version, recipe)
+                feature_sets.normalize_plate(home, plate, version, recipe)
+                written.append(dict(encoder=version.name, version=version.version, recipe=recipe, plate=plate))
         build_catalog(home.catalog_path, home.lake)
         return dg.MaterializeResult(metadata={"recipes": ", ".join(recipes),
-                                              "skipped_failed_fits": ", ".join(skipped) or "none"})
+                                              "skipped_failed_fits": ", ".join(skipped) or "none",
+                                              **lake_table_metadata(home, "normalized_profiles", written)})
 
     @dg.asset(group_name=EVALUATE, deps=[normalized_profiles], kinds={"duckdb", "mlflow"},
               automation_condition=refresh_when_upstream_updates(False))
@@ -118,8 +126,10 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
             registry.log_metrics(version, {f"{r['recipe']}/{r['metric']}": r["value"]
                                            for r in result.metrics.iter_rows(named=True)})
             plates_ = challenger_lib.evaluation_plates(home, version)
-            challenger_lib.log_evaluation_runs(home, registry, version, result, recipes, plates_)
+            result.mlflow_runs = challenger_lib.log_evaluation_runs(home, registry, version, result, recipes, plates_,
+                                                                    tags={DAGSTER_RUN_TAG: context.run_id})
             meta |= evaluation_metadata(result, f"{name}_")
+            meta |= evaluation_run_links(bioembed.mlflow_ui_url, registry, result, f"{name}_")
             failed |= {f"{name} v{version.version} {recipe}": error for recipe, error in result.failed.items()}
         build_catalog(home.catalog_path, home.lake)
         meta["catalog"] = dg.MetadataValue.path(str(home.catalog_path))
@@ -132,7 +142,7 @@ def build_profile_assets(setups: Sequence[EncoderSetup]) -> list[dg.AssetsDefini
         """Every registered encoder version side by side: weights, width, embedding throughput and the
         headline metrics per recipe (what `bioembed compare --home H` prints)."""
         table = compare_encoders(bioembed.home(), bioembed.registry())
-        return dg.MaterializeResult(metadata={"comparison": dg.MetadataValue.md(markdown_table(table)),
+        return dg.MaterializeResult(metadata={"comparison": table_value(table),
                                               "versions": table.select("encoder", "version").n_unique()})
 
     return [well_profiles, normalizer, normalized_profiles, evaluation, encoder_comparison]

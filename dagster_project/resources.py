@@ -29,6 +29,8 @@ class BioembedHome(dg.ConfigurableResource):
     compile: bool = False
     """torch.compile the encoders' tensor path (falls back to eager, with a warning, where it fails)."""
     null_size: int = 10000
+    mlflow_ui_url: str = os.environ.get("BIOEMBED_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    """Where `mlflow ui` serves this home's registry: asset pages link to the MLflow runs and model versions there."""
     reuse_embeddings: bool = True
     """Keep a version's stored rows for a plate whose cells are unchanged (False: always recompute)."""
 

@@ -141,3 +141,49 @@ def test_rematerializing_a_plate_is_identical_and_adds_no_duplicates(materialize
     assert dup == 0
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
     assert len(registry.client.search_model_versions("name='ca_mae'")) == 1
+
+
+def _latest_metadata(instance: dg.DagsterInstance, key: str, partition: str | None = None) -> tuple[str, dict]:
+    """The run id and metadata of `key`'s latest materialization (of `partition`, if given)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey.from_user_string(key),
+                              asset_partitions=[partition] if partition else None), limit=1).records
+    assert records, f"{key} {partition or ''} was never materialized"
+    return records[0].run_id, records[0].asset_materialization.metadata
+
+
+def _run_id_of(url: dg.UrlMetadataValue) -> str:
+    assert isinstance(url, dg.UrlMetadataValue) and url.url.startswith("http://127.0.0.1:5000/#/experiments/")
+    return url.url.rsplit("/runs/", 1)[1]
+
+
+def test_asset_pages_show_tables_numbers_row_counts_and_mlflow_links(materialized_home) -> None:
+    """Metrics as a Dagster table with a schema, headline metrics as numbers, lake row counts and column
+    schemas read from what was written, and links to the MLflow runs, which are tagged with the Dagster run."""
+    home, plate = materialized_home.home, materialized_home.good_plates[0]
+    instance, lake = dg.DagsterInstance.get(), Lake(home.lake)
+    registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
+
+    for key, table, keys in (("crops", "cells", {}), ("segmentation", "nuclei", {}), ("raw_plate", "images", {}),
+                             ("embeddings/ca_mae", "embeddings", {"encoder": "ca_mae", "version": "1"})):
+        _, meta = _latest_metadata(instance, key, plate)
+        rows = lake.read(table, plate=plate, **keys)
+        assert meta["dagster/row_count"].value == rows.height, key
+        schema = meta["dagster/column_schema"].schema
+        assert [c.name for c in schema.columns] == rows.columns, key
+    _, meta = _latest_metadata(instance, "embeddings/ca_mae", plate)
+    assert meta["mlflow_model_version"].url == "http://127.0.0.1:5000/#/models/ca_mae/versions/1"
+
+    run_id, meta = _latest_metadata(instance, "evaluation")
+    stored = lake.read("metrics", encoder="ca_mae", version="1")
+    table = meta["ca_mae_metrics"]
+    assert isinstance(table, dg.TableMetadataValue)
+    assert [c.name for c in table.schema.columns] == ["recipe", "metric", "value"]
+    assert len(table.records) == stored.height
+    card_map = stored.filter((pl.col("recipe") == "card") & (pl.col("metric") == "replicate_map"))["value"][0]
+    assert isinstance(meta["ca_mae_card/replicate_map"], dg.FloatMetadataValue)
+    assert meta["ca_mae_card/replicate_map"].value == pytest.approx(card_map)
+    for recipe in stored["recipe"].unique():
+        mlflow_run = registry.client.get_run(_run_id_of(meta[f"ca_mae_{recipe}/mlflow_run"]))
+        assert mlflow_run.data.tags["recipe"] == recipe and mlflow_run.data.tags["encoder"] == "ca_mae"
+        assert mlflow_run.data.tags["dagster_run_id"] == run_id  # and back to the Dagster run

@@ -94,6 +94,14 @@ def test_promotion_reembeds_exactly_that_encoder_then_rollback_reuses_rows(learn
     assert aliases == {CHAMPION: "2", PREVIOUS: "1"}  # promoted by the rule, challenger alias consumed
     champion = learning.registry.get("ca_mae")
     assert champion.trained and champion.tags["promoted_by"] == "rule"
+    # the asset page links the MLflow training and evaluation runs, and they name this Dagster run
+    meta = instance.get_latest_materialization_event(dg.AssetKey(["challenger", "ca_mae"])).asset_materialization.metadata
+    assert meta["challenger_mlflow_version"].url.endswith("/#/models/ca_mae/versions/2")
+    links = [meta["training_run"], *(v for k, v in meta.items() if k.endswith("/mlflow_run"))]
+    assert len(links) > 1 and all(isinstance(link, dg.UrlMetadataValue) for link in links)
+    for link in links:
+        tags = learning.registry.client.get_run(link.url.rsplit("/runs/", 1)[1]).data.tags
+        assert tags["dagster_run_id"] == result.run_id, link.url
 
     # Nothing re-embeds until the registry sensor reports the new champion to Dagster.
     assert dg.evaluate_automation_conditions(defs, instance, cursor=baseline.cursor).total_requested == 0

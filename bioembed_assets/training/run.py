@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,8 +137,10 @@ def _reconstruction_png(encoder: Encoder, crops: np.ndarray):
 
 def train_challenger(home: Home, registry: EncoderRegistry, name: str, base: Encoder, base_version: EncoderVersion,
                      plates: Sequence[str], config: TrainConfig, *, resume: bool = False, min_plates: int = 2,
-                     progress: Callbacks | None = None, log: Callable[[str], None] = print) -> TrainingOutcome:
-    """Train `base` (the champion's architecture and weights) on `plates`; register it as `challenger`."""
+                     progress: Callbacks | None = None, log: Callable[[str], None] = print,
+                     tags: Mapping[str, str] | None = None) -> TrainingOutcome:
+    """Train `base` (the champion's architecture and weights) on `plates`; register it as `challenger`.
+    `tags` (e.g. the orchestrator's run id) are set on the MLflow training run."""
     import mlflow
 
     t0 = time.perf_counter()
@@ -156,7 +158,8 @@ def train_challenger(home: Home, registry: EncoderRegistry, name: str, base: Enc
     experiment = registry.experiment_id(TRAINING_EXPERIMENT)
     summary = crop_set.summary()
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"train-{name}",
-                          log_system_metrics=True, tags={"encoder": name, "base_version": base_version.version}) as run:
+                          log_system_metrics=True,
+                          tags={"encoder": name, "base_version": base_version.version, **(tags or {})}) as run:
         folder.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"run_id": run.info.run_id}))
         if run_id is None:
