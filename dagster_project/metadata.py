@@ -27,8 +27,11 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
 
 
 def _cell(value: object) -> object:
-    """A table cell Dagster can store: non-finite floats become empty (shown blank, not `nan`)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    """A table cell as shown: floats to 4 decimals (the full value is in the lake), non-finite ones
+    empty (undefined, e.g. Z' without positive controls) rather than `nan`."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    return value
 
 
 def table_value(df: pl.DataFrame) -> dg.TableMetadataValue:

@@ -189,6 +189,7 @@ def servers(ui_home) -> Iterator[dict[str, Server]]:
            "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MPLCONFIGDIR": str(home.matplotlib_config)}
     port, mlflow_port = _free_port(), _free_port()
+    env["BIOEMBED_MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"  # asset pages link to this MLflow UI
     started: dict[str, Server] = {}
     try:
         started["dagster"] = _start(
@@ -331,6 +332,34 @@ def test_backfill_of_every_plate_from_the_ui(page, servers, ui_home, screenshots
         metric_rows = dict(con.sql("SELECT encoder, count(*) FROM metrics GROUP BY encoder").fetchall())
     assert sorted(profiled) == sorted(plate_names) and all(n > 0 for n in profiled.values()), profiled
     assert {"classical", "ca_mae"} <= set(metric_rows) and all(n > 0 for n in metric_rows.values()), metric_rows
+
+    _evaluation_page_shows_tables_numbers_and_mlflow_links(page, servers, screenshots)
+    _checks_tab_describes_checks(page, dagster.url, screenshots)
+
+
+def _evaluation_page_shows_tables_numbers_and_mlflow_links(page, servers, screenshots: Path) -> None:
+    """The metrics as a table and the headline metrics as numbers, with nothing to click; the link to
+    an MLflow evaluation run opens that run, which names the Dagster run that logged it."""
+    page.goto(f"{servers['dagster'].url}/assets/evaluation?view=events", wait_until="load")
+    page.get_by_text("ca_mae_metrics", exact=True).first.wait_for(timeout=60_000)
+    page.locator("td", has_text=re.compile(r"^replicate_map$")).first.wait_for()  # a table cell, drawn inline
+    headline = page.locator("tr", has=page.get_by_text("ca_mae_card/replicate_map", exact=True)).first
+    headline.wait_for()
+    assert re.search(r"\d\.\d", headline.inner_text()), headline.inner_text()
+    page.screenshot(path=screenshots / "dagster-evaluation.png", full_page=True)
+    link = page.locator("tr", has=page.get_by_text("ca_mae_card/mlflow_run", exact=True)).first.get_by_role("link")
+    url = link.first.get_attribute("href")
+    assert url and url.startswith(f"{servers['mlflow'].url}/#/experiments/"), url
+    page.goto(url, wait_until="load")
+    page.get_by_text("dagster_run_id").first.wait_for(timeout=60_000)
+    page.screenshot(path=screenshots / "mlflow-evaluation-run.png", full_page=True)
+
+
+def _checks_tab_describes_checks(page, dagster_url: str, screenshots: Path) -> None:
+    page.goto(f"{dagster_url}/assets/crops?view=checks", wait_until="load")
+    page.get_by_text("cells_per_well", exact=True).first.wait_for(timeout=60_000)
+    page.get_by_text("Every well of the plate kept at least one cell crop.").first.wait_for()
+    page.screenshot(path=screenshots / "dagster-crops-checks.png", full_page=True)
 
 
 # -- MLflow ---------------------------------------------------------------------------------------
