@@ -187,3 +187,21 @@ def test_asset_pages_show_tables_numbers_row_counts_and_mlflow_links(materialize
         mlflow_run = registry.client.get_run(_run_id_of(meta[f"ca_mae_{recipe}/mlflow_run"]))
         assert mlflow_run.data.tags["recipe"] == recipe and mlflow_run.data.tags["encoder"] == "ca_mae"
         assert mlflow_run.data.tags["dagster_run_id"] == run_id  # and back to the Dagster run
+
+
+def test_named_jobs_run_their_assets(materialized_home) -> None:
+    """`ingest` and `embed` for one plate, as the Launchpad or `dagster job launch` runs them."""
+    from dagster_project.definitions import build_jobs
+
+    home, plate = materialized_home.home, materialized_home.good_plates[0]
+    jobs = dg.Definitions(assets=GRAPH.all, jobs=build_jobs(GRAPH),
+                          resources={"bioembed": BioembedHome(root=str(home.root), null_size=1000)})
+    assert {"ingest", "embed", "refit_normalizer", "train_ca_mae"} <= {j.name for j in defs.resolve_all_job_defs()}
+    expected = {"ingest": {"raw_plate", "platemap", "illumination", "segmentation", "crops"},
+                "embed": {"embeddings/classical", "embeddings/ca_mae"}}
+    for name, keys in expected.items():
+        result = jobs.resolve_job_def(name).execute_in_process(partition_key=plate, instance=dg.DagsterInstance.get())
+        assert result.success, name
+        done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()
+                if m.partition == plate}
+        assert done == keys, name
