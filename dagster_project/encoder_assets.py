@@ -118,11 +118,9 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
             reused += summary["reused"]
             context.log.info(f"{name} v{version.version} plate {plate}: {summary['cells']} cells "
                              f"{'(rows of this version reused)' if summary['reused'] else 'embedded'}")
-        # one plate per run: its rows; a multi-plate run's result is recorded on each plate, so no count
+        # a multi-plate run's result is recorded on each of its plates: a row count only for one plate
         written = [dict(encoder=version.name, version=version.version, plate=p) for p in context.partition_keys]
-        table = lake_table_metadata(bioembed.home(), "embeddings", written)
-        if len(written) > 1:
-            table.pop("dagster/row_count", None)
+        table = lake_table_metadata(bioembed.home(), "embeddings", written, row_count=len(written) == 1)
         return dg.MaterializeResult(
             metadata={"encoder_version": version.version, "device": str(device), "plates_reused": reused,
                       "mlflow_model_version": mlflow_version_url(bioembed.mlflow_ui_url, version), **table},

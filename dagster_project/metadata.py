@@ -5,11 +5,10 @@ plots as images and links to the MLflow runs and model versions an asset logged.
 
 import base64
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import dagster as dg
 import polars as pl
-import pyarrow.parquet as pq
 
 from bioembed_assets import feature_sets
 from bioembed_assets.config import Home
@@ -41,18 +40,19 @@ def table_value(df: pl.DataFrame) -> dg.TableMetadataValue:
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
-def lake_table_metadata(home: Home, table: str, partitions: Iterable[dict[str, str]]) -> dict[str, object]:
-    """`dagster/row_count` (summed over `partitions` of lake `table`) and `dagster/column_schema`,
-    read from the parquet footers (no rows are loaded)."""
-    lake, rows, schema = Lake(home.lake), 0, None
-    for keys in partitions:
-        meta = pq.ParquetFile(lake.partition_path(table, **keys))
-        rows += meta.metadata.num_rows
-        schema = schema or meta.schema_arrow
-    if schema is None:
+def lake_table_metadata(home: Home, table: str, partitions: Sequence[dict[str, str]],
+                        row_count: bool = True) -> dict[str, object]:
+    """`dagster/column_schema` of lake `table` and, with `row_count`, `dagster/row_count` summed over
+    `partitions` (from the parquet footers)."""
+    if not partitions:
         return {}
-    columns = [dg.TableColumn(field.name, str(field.type)) for field in schema]
-    return {"dagster/row_count": dg.MetadataValue.int(rows), "dagster/column_schema": dg.TableSchema(columns=columns)}
+    lake = Lake(home.lake)
+    footers = [lake.footer(table, **keys) for keys in partitions]
+    meta: dict[str, object] = {"dagster/column_schema": dg.TableSchema(
+        columns=[dg.TableColumn(name, dtype) for name, dtype in footers[0][1]])}
+    if row_count:
+        meta["dagster/row_count"] = dg.MetadataValue.int(sum(rows for rows, _ in footers))
+    return meta
 
 
 def evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[str, dg.MetadataValue]:

@@ -190,6 +190,11 @@ class Lake:
             return pl.DataFrame(schema=dict(t.columns))
         return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
 
+    def footer(self, table: str, **keys: str) -> tuple[int, list[tuple[str, str]]]:
+        """Row count and (column, arrow type) of one partition, from its parquet footer (no rows read)."""
+        meta = pq.ParquetFile(self.partition_path(table, **keys))
+        return meta.metadata.num_rows, [(field.name, str(field.type)) for field in meta.schema_arrow]
+
     def partitions(self, table: str, **filters: str) -> list[dict[str, str]]:
         """The key dicts of the partitions of `table` that match `filters`."""
         return [_keys_of(f) for f in self.files(table) if _matches(f, filters)]
