@@ -94,7 +94,7 @@ def test_correction_flattens_uniform_scene(tmp_path: Path, gradient_plate: tuple
     correct_plate_store(raw_store, illum, out)
     images, channels = open_plate_images(out)
     assert channels == CHANNELS and images.dtype == np.uint16 and images.shape == flat.shape
-    attrs = dict(zarr.open_group(out, mode="r").attrs)
+    attrs = dict(zarr.open_group(out, mode="r").attrs)["bioembed"]
     assert attrs["illumination_corrected"] is True and attrs["plate"] == "FLAT"
     for k in range(len(CHANNELS)):
         before = flat[:, k].astype(float)
@@ -113,7 +113,7 @@ def test_correction_clips_to_dtype_and_checks_shape(tmp_path: Path) -> None:
     out = np.asarray(images[:])
     assert out.dtype == np.uint8 and (out == 255).all()  # 500 clipped, not wrapped
     correct_plate_store(store, np.ones((2, 64, 64), np.float32), store)  # in place: replaced whole
-    assert zarr.open_group(store, mode="r").attrs["illumination_corrected"] is True
+    assert zarr.open_group(store, mode="r").attrs["bioembed"]["illumination_corrected"] is True
     assert (np.asarray(open_plate_images(store)[0][:]) == 250).all()
     with pytest.raises(BioembedInputError, match="illumination function is"):
         correct_plate_store(store, illum[:, :32], tmp_path / "bad.zarr")

@@ -90,7 +90,8 @@ def test_store_pixels_and_qc_are_the_files(tmp_path: Path, compressor: str, vari
     table = ingest_plate(fields, store, STAINS, workers=3, compressor=compressor)
     images, channels = open_plate_images(store)
     assert channels == STAINS and images.shape == (11, 3, 40, 48) and images.dtype == np.uint16
-    assert images.chunks == (1, 1, 40, 48)
+    level0 = images.field(10)
+    assert level0.chunks == (1, 40, 48) and level0.shards == (3, 40, 48)
     data = images[:]
     np.testing.assert_array_equal(images[7, 2], tifffile.imread(fields[7].paths["RNA"]))  # one chunk of a shard
     for i, f in enumerate(fields):  # each field its own pixels: no buffer reused too early
@@ -102,13 +103,17 @@ def test_store_pixels_and_qc_are_the_files(tmp_path: Path, compressor: str, vari
             assert row[f"qc_mean_{s}"] == pytest.approx(float(expected[c].mean(dtype=np.float64)), rel=1e-12)
         top = np.iinfo(np.uint16).max
         assert row["qc_saturated_fraction"] == pytest.approx(max(float((p == top).mean()) for p in expected))
-    (sharding,) = json.loads((store / "images" / "zarr.json").read_text())["codecs"]
-    assert sharding["name"] == "sharding_indexed"
-    codecs = [c["name"] for c in sharding["configuration"]["codecs"]]
-    assert codecs == (["bytes"] if compressor == "none" else ["bytes", "blosc"])
-    assert images.shards == (1, 3, 40, 48) and (store / "images" / "c.10.0.0.0").is_file()  # one file per field
+    field_dir = store / images.paths[10].rsplit("/", 1)[0]  # e.g. 'D/1/1': a well's site
+    for level, shape in enumerate([(3, 40, 48), (3, 20, 24), (3, 10, 12)]):  # the pyramid
+        (sharding,) = json.loads((field_dir / str(level) / "zarr.json").read_text())["codecs"]
+        assert sharding["name"] == "sharding_indexed"
+        codecs = [c["name"] for c in sharding["configuration"]["codecs"]]
+        assert codecs == (["bytes"] if compressor == "none" else ["bytes", "blosc"])
+        assert sorted(p.name for p in (field_dir / str(level)).iterdir()) == ["c.0.0.0", "zarr.json"]  # one shard file
+        np.testing.assert_array_equal(zarr.open_array(field_dir / str(level))[:], data[10][:, :: 2**level, :: 2**level])
+        assert zarr.open_array(field_dir / str(level)).shape == shape
     if compressor != "none":
-        assert zarr.open_array(store / "images").compressors[0].cname.value == compressor
+        assert level0.compressors[0].cname.value == compressor
     assert entries(store.parent) == ["P1.zarr"]  # no temporary folder left
 
 
@@ -175,7 +180,7 @@ def test_reingest_replaces_the_store_whole(tmp_path: Path) -> None:
     fields = plate(tmp_path / "b", n_fields=3)
     ingest_plate(fields, store, STAINS)
     images, _ = open_plate_images(store)
-    assert images.shape[0] == 3 and not images.compressors
+    assert images.shape[0] == 3 and not images.field(0).compressors
     np.testing.assert_array_equal(images[2, 1], tifffile.imread(fields[2].paths["ER"]))
     assert entries(tmp_path / "s") == ["P1.zarr"]
 

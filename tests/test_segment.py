@@ -13,12 +13,19 @@ import zarr
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
+from bioembed_assets.images.ngff import open_plate_store, write_plate_store
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.segment.cellpose_backend import segment_nuclei_cellpose
 from bioembed_assets.segment.cells import segment_cells
 from bioembed_assets.segment.crops import crop_origin, extract_crops, extract_tiles, window
 from bioembed_assets.segment.nuclei import estimate_nuclear_diameter, segment_nuclei, segment_nuclei_with_params
-from bioembed_assets.segment.plate import CELL_AREA, CELL_LABELS, CELL_TABLE_SCHEMA, segment_plate
+from bioembed_assets.segment.plate import (
+    CELL_AREA,
+    CELL_TABLE_SCHEMA,
+    open_plate_images,
+    open_plate_masks,
+    segment_plate,
+)
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 
@@ -44,15 +51,13 @@ def make_store(path: Path, fields: list[list[tuple[float, float]]], size: int = 
                channels: list[str] = CHANNELS, plate: str = "P1", radius: float = 7) -> pl.DataFrame:
     """A plate store as the ingest step writes it; returns the image table."""
     n = len(fields)
-    group = zarr.open_group(str(path), mode="w")
-    arr = group.create_array("images", shape=(n, len(channels), size, size), chunks=(1, 1, size, size), dtype="uint16")
+    stacks = []
     for f, centers in enumerate(fields):
         dna = blob_image((size, size), centers, radius, seed=f)
-        stack = [dna] + [(dna // (c + 2) + 17 * c).astype(np.uint16) for c in range(len(channels) - 1)]
-        arr[f] = np.stack(stack)
-    group.attrs.update({"plate": plate, "channels": channels, "dtype": "uint16"})
+        stacks.append(np.stack([dna] + [(dna // (c + 2) + 17 * c).astype(np.uint16) for c in range(len(channels) - 1)]))
     wells = ["A01", "A01", "B02", "B02", "C03", "C03"]
     sites = [1 + f % 2 for f in range(n)]
+    write_plate_store(path, np.stack(stacks).astype(np.uint16), channels, plate, wells[:n], sites)
     return pl.DataFrame({"plate": [plate] * n, "well": wells[:n], "site": sites, "field": list(range(n))})
 
 
@@ -112,7 +117,7 @@ def test_segment_plate_masks_and_table(plate, tmp_path: Path) -> None:
     store, table, fields = plate
     masks = tmp_path / "P1.masks.zarr"
     cells = segment_plate(store, table, masks)
-    labels = zarr.open_group(str(masks), mode="r")["labels"]
+    labels = open_plate_masks(masks)[0]
     assert labels.shape == (4, 128, 128) and labels.dtype == np.int32
     assert dict(cells.schema) == CELL_TABLE_SCHEMA
     per_field = cells.group_by("field").len().sort("field")
@@ -166,8 +171,8 @@ def test_crops_drop_border_and_match_source(plate, tmp_path: Path) -> None:
     assert imgs.shape == (kept.height, 5, 32, 32) and imgs.dtype == np.uint16
     assert cmasks.shape == (kept.height, 32, 32) and cmasks.dtype == bool
     assert dict(group.attrs)["channels"] == CHANNELS and dict(group.attrs)["crop_size"] == 32
-    source = np.asarray(zarr.open_group(str(store), mode="r")["images"][:])
-    lab = np.asarray(zarr.open_group(str(masks), mode="r")["labels"][:])
+    source = np.asarray(open_plate_images(store)[0][:])
+    lab = np.asarray(open_plate_masks(masks)[0][:])
     for row in kept.iter_rows(named=True):
         t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 32))
         assert np.array_equal(imgs[row["crop_index"]], source[row["field"], :, t : t + 32, l : l + 32])
@@ -199,7 +204,7 @@ def test_crops_many_cells_chunked(tmp_path: Path) -> None:
     kept, summary = extract_crops(tmp_path / "P.zarr", tmp_path / "m.zarr", cells, tmp_path / "c.zarr", crop_size=24)
     assert summary["kept"] == 147 and summary["dropped_border"] == 0
     imgs = np.asarray(zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["images"][:])
-    source = np.asarray(zarr.open_group(str(tmp_path / "P.zarr"), mode="r")["images"][:])
+    source = np.asarray(open_plate_images(tmp_path / "P.zarr")[0][:])
     t, l = crop_origin(kept["centroid_y"].to_numpy(), kept["centroid_x"].to_numpy(), 24)
     for i, f in enumerate(kept["field"].to_list()):
         assert np.array_equal(imgs[i], source[f, :, t[i] : t[i] + 24, l[i] : l[i] + 24])
@@ -270,26 +275,23 @@ def test_segment_cells_contain_their_nuclei() -> None:
 
 def test_segment_plate_whole_cell_mode(tmp_path: Path) -> None:
     dna, cyto, _ = cell_scene()
-    group = zarr.open_group(str(tmp_path / "P.zarr"), mode="w")
-    arr = group.create_array("images", shape=(2, 2, 128, 128), chunks=(1, 1, 128, 128), dtype="uint16")
-    arr[0] = np.stack([dna, cyto])
-    arr[1] = np.stack([dna[::-1], cyto[::-1]])
-    group.attrs.update({"plate": "P", "channels": ["DNA", "AGP"]})
+    write_plate_store(tmp_path / "P.zarr", np.stack([[dna, cyto], [dna[::-1], cyto[::-1]]]).astype(np.uint16),
+                      ["DNA", "AGP"], "P", ["A01", "A02"])
     table = pl.DataFrame({"plate": ["P", "P"], "well": ["A01", "A02"], "site": [1, 1], "field": [0, 1]})
     masks = tmp_path / "m.zarr"
     cells = segment_plate(tmp_path / "P.zarr", table, masks, cell_channel="AGP")
     assert dict(cells.schema) == {**CELL_TABLE_SCHEMA, CELL_AREA: pl.Int64}
-    g = zarr.open_group(str(masks), mode="r")
-    lab, cl = np.asarray(g["labels"][:]), np.asarray(g[CELL_LABELS][:])
+    nuclei, whole = open_plate_masks(masks)
+    lab, cl = nuclei[:], whole[:]
     assert cl.shape == lab.shape and cl.dtype == np.int32
     assert np.array_equal(cl[lab > 0], lab[lab > 0])
     for row in cells.iter_rows(named=True):
         assert row["cell_area"] == (cl[row["field"]] == row["label"]).sum() >= row["area"]
-    assert dict(g.attrs)["cell_channel"] == "AGP"
+    assert open_plate_store(masks, "masks").attrs["cell_channel"] == "AGP"
     # nuclear-only (the default) writes no cell labels and keeps the contract
     plain = segment_plate(tmp_path / "P.zarr", table, tmp_path / "n.zarr")
     assert dict(plain.schema) == CELL_TABLE_SCHEMA
-    assert CELL_LABELS not in zarr.open_group(str(tmp_path / "n.zarr"), mode="r").array_keys()
+    assert open_plate_masks(tmp_path / "n.zarr")[1] is None
     assert plain.select("field", "label", "area").equals(cells.select("field", "label", "area"))
     with pytest.raises(BioembedInputError, match="'ER'"):
         segment_plate(tmp_path / "P.zarr", table, tmp_path / "x.zarr", cell_channel="ER")
@@ -337,7 +339,7 @@ def test_crops_pad_keeps_border_cells_with_zeros(plate, tmp_path: Path) -> None:
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert dict(group.attrs)["policy"] == "pad" and dict(group.attrs)["padded_cells"] == 2
     imgs, cmasks = np.asarray(group["images"][:]), np.asarray(group["masks"][:])
-    source = np.asarray(zarr.open_group(str(store), mode="r")["images"][:])
+    source = np.asarray(open_plate_images(store)[0][:])
     for row in kept.iter_rows(named=True):
         t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 32))
         crop, m = imgs[row["crop_index"]], cmasks[row["crop_index"]]
@@ -370,7 +372,7 @@ def test_crops_mask_neighbors_zeroes_other_cells(tmp_path: Path) -> None:
     assert dict(group.attrs)["mask_neighbors"] is True and dict(group.attrs)["mask_source"] == "grown_nuclei"
     imgs, cm = np.asarray(group["images"][:]), np.asarray(group["masks"][:])
     raw = np.asarray(zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["images"][:])
-    grown = expand_labels(np.asarray(zarr.open_group(str(masks), mode="r")["labels"][:])[0], distance=4)
+    grown = expand_labels(np.asarray(open_plate_masks(masks)[0][:])[0], distance=4)
     total = 0
     for row in kept.iter_rows(named=True):
         t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 48))
@@ -390,16 +392,14 @@ def test_crops_mask_neighbors_zeroes_other_cells(tmp_path: Path) -> None:
 
 def test_crops_use_whole_cell_labels_when_present(tmp_path: Path) -> None:
     dna, cyto, _ = cell_scene()
-    group = zarr.open_group(str(tmp_path / "P.zarr"), mode="w")
-    group.create_array("images", shape=(1, 2, 128, 128), chunks=(1, 1, 128, 128), dtype="uint16")[0] = np.stack([dna, cyto])
-    group.attrs.update({"plate": "P", "channels": ["DNA", "AGP"]})
+    write_plate_store(tmp_path / "P.zarr", np.stack([[dna, cyto]]).astype(np.uint16), ["DNA", "AGP"], "P")
     table = pl.DataFrame({"plate": ["P"], "well": ["A01"], "site": [1], "field": [0]})
     cells = segment_plate(tmp_path / "P.zarr", table, tmp_path / "m.zarr", cell_channel="AGP")
     kept, summary = extract_crops(tmp_path / "P.zarr", tmp_path / "m.zarr", cells, tmp_path / "c.zarr", crop_size=48,
                                   border="pad", mask_neighbors=True)
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert dict(g.attrs)["mask_source"] == "cell_labels"
-    cl = np.asarray(zarr.open_group(str(tmp_path / "m.zarr"), mode="r")[CELL_LABELS][0])
+    cl = open_plate_masks(tmp_path / "m.zarr")[1][0]
     imgs, cm = np.asarray(g["images"][:]), np.asarray(g["masks"][:])
     for row in kept.iter_rows(named=True):
         t, l = (int(v[0]) for v in crop_origin([row["centroid_y"]], [row["centroid_x"]], 48))
@@ -411,15 +411,12 @@ def test_crops_use_whole_cell_labels_when_present(tmp_path: Path) -> None:
 
 
 def test_crops_refuse_nan_pixels(tmp_path: Path) -> None:
-    group = zarr.open_group(str(tmp_path / "P.zarr"), mode="w")
     img = blob_image((64, 64), [(32, 32)], radius=6).astype(np.float32)
-    arr = group.create_array("images", shape=(1, 1, 64, 64), dtype="float32")
-    arr[0, 0] = img
-    group.attrs.update({"plate": "P", "channels": ["DNA"]})
+    write_plate_store(tmp_path / "P.zarr", img[None, None], ["DNA"], "P")
     table = pl.DataFrame({"plate": ["P"], "well": ["A01"], "site": [1], "field": [0]})
     cells = segment_plate(tmp_path / "P.zarr", table, tmp_path / "m.zarr")
     img[0, 0] = np.nan
-    arr[0, 0] = img
+    write_plate_store(tmp_path / "P.zarr", img[None, None], ["DNA"], "P")
     with pytest.raises(BioembedInputError, match=r"plate=P, well=A01.*non-finite"):
         extract_crops(tmp_path / "P.zarr", tmp_path / "m.zarr", cells, tmp_path / "c.zarr", crop_size=16)
     assert not (tmp_path / "c.zarr").exists()
@@ -448,12 +445,11 @@ def test_tiles_inside_the_image_and_counted(plate, tmp_path: Path) -> None:
     imgs = np.asarray(g["images"][:])
     assert imgs.shape == (16, 5, 48, 48) and imgs.dtype == np.uint16 and np.asarray(g["masks"][:]).all()
     assert dict(g.attrs)["tile_size"] == 48 and dict(g.attrs)["n_tiles"] == 16
-    source = np.asarray(zarr.open_group(str(store), mode="r")["images"][:])
+    source = np.asarray(open_plate_images(store)[0][:])
     for row in tiles.iter_rows(named=True):
         y, x = row["y0"], row["x0"]
         assert np.array_equal(imgs[row["crop_index"]], source[row["field"], :, y : y + 48, x : x + 48])
-    # overlapping tiles with a stride; fields from the store's own attrs
-    zarr.open_group(str(store), mode="r+").attrs.update({"wells": ["A01", "A01", "B02", "B02"], "sites": [1, 2, 1, 2]})
+    # overlapping tiles with a stride; fields (A01 s1, A01 s2, B02 s1, B02 s2) from the store's own layout
     tiles2, s2 = extract_tiles(store, tmp_path / "t2.zarr", tile_size=48, stride=40)
     assert s2["tiles_per_field"] == 9 and s2["dropped_rows"] == 0 and tiles2.height == 36
     assert tiles2.filter(pl.col("field") == 3)["site"].unique().to_list() == [2]

@@ -18,10 +18,11 @@ import pytest
 import zarr
 from scipy import ndimage as ndi
 
+from bioembed_assets.images.ngff import write_plate_store
 from bioembed_assets.segment.cells import segment_cells
 from bioembed_assets.segment.crops import extract_crops, extract_tiles
 from bioembed_assets.segment.nuclei import segment_nuclei
-from bioembed_assets.segment.plate import CELL_LABELS, segment_plate
+from bioembed_assets.segment.plate import open_plate_masks, segment_plate
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -180,15 +181,13 @@ def test_phenix_field_through_plate_segmentation_crops_and_tiles(tmp_path: Path)
     stains = {"DNA": 5, "ER": 2, "AGP": 3, "Mito": 4, "RNA": 6}
     need(*(orig / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff" for c in stains.values()))
     stack = np.stack([tifffile.imread(orig / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff") for c in stains.values()])
-    group = zarr.open_group(str(tmp_path / "BR00143976.zarr"), mode="w")
-    group.create_array("images", shape=(1, *stack.shape), chunks=(1, 1, *stack.shape[1:]), dtype="uint16")[0] = stack
-    group.attrs.update({"plate": "BR00143976", "channels": list(stains), "wells": ["C03"], "sites": [3]})
+    write_plate_store(tmp_path / "BR00143976.zarr", stack[None], list(stains), "BR00143976", ["C03"], [3])
     table = pl.DataFrame({"plate": ["BR00143976"], "well": ["C03"], "site": [3], "field": [0]})
     store, masks = tmp_path / "BR00143976.zarr", tmp_path / "masks.zarr"
 
     cells = segment_plate(store, table, masks, cell_channel="AGP")
     assert 30 <= cells.height <= 50 and (cells["cell_area"] > 2 * cells["area"]).mean() > 0.8
-    assert CELL_LABELS in zarr.open_group(str(masks), mode="r").array_keys()
+    assert open_plate_masks(masks)[1] is not None
 
     kept, summary = extract_crops(store, masks, cells, tmp_path / "crops.zarr", crop_size=128, border="pad",
                                   mask_neighbors=True)

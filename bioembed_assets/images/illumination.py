@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import zarr
 from scipy import ndimage
 
-from bioembed_assets.images.store import IMAGES, open_plate_images
+from bioembed_assets.images.ngff import PlateWriter, display_ends, open_plate_store
+from bioembed_assets.images.store import open_plate_images
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.store.atomic import atomic_dir, atomic_file
 
@@ -133,12 +133,14 @@ def load_illumination(path: Path) -> tuple[np.ndarray, list[str]]:
 def correct_plate_store(src_store: Path, illum: np.ndarray, dst_store: Path, *, workers: int = 4) -> None:
     """Write `dst_store`: a copy of the plate store with every field divided by `illum`.
 
-    Same array layout, codecs and attrs, plus attr ``illumination_corrected: true``. Values are
+    The same OME-Zarr plate layout, codec, channels and pixel size, `bioembed.kind` "corrected" and
+    ``bioembed.illumination_corrected: true``. Values are
     rounded and clipped to the dtype's range. Field by field on `workers` threads; `dst_store` appears atomically
     (it may be `src_store` itself, which is then replaced whole).
     """
     src_store, dst_store = Path(src_store), Path(dst_store)
-    images, _ = open_plate_images(src_store)
+    source = open_plate_store(src_store, "images")
+    images = source.fields()
     illum = np.asarray(illum, dtype=np.float32)
     if illum.shape != images.shape[1:]:
         raise BioembedInputError(
@@ -147,25 +149,21 @@ def correct_plate_store(src_store: Path, illum: np.ndarray, dst_store: Path, *, 
         )
     if not np.all(np.isfinite(illum)) or illum.min() <= 0:
         raise ValueError("illumination function must be finite and positive")
-    attrs = dict(zarr.open_group(src_store, mode="r").attrs)
     hi = np.iinfo(images.dtype).max
     inv = 1.0 / illum
+
+    def corrected(i: int) -> np.ndarray:
+        return np.clip(np.rint(images[i].astype(np.float32) * inv), 0, hi).astype(images.dtype)
+
     with atomic_dir(dst_store) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        out = group.create_array(
-            IMAGES,
-            shape=images.shape,
-            chunks=images.chunks,
-            dtype=images.dtype,
-            compressors=images.compressors,
-            fill_value=images.fill_value,
-            dimension_names=images.metadata.dimension_names,
-        )
-        group.attrs.update(attrs | {"illumination_corrected": True})
+        writer = PlateWriter(tmp, source.layout, "corrected", images.field_shape, images.dtype,
+                             compressor=source.attrs.get("compressor", "none"), channels=source.channels,
+                             pixel_size_um=source.attrs.get("pixel_size_um"), attrs={"illumination_corrected": True})
+        first = corrected(0) if len(images) else None
+        writer.begin(display_ends(first) if first is not None else None)
 
         def correct(i: int) -> None:
-            field = np.asarray(images[i], dtype=np.float32) * inv
-            out[i] = np.clip(np.rint(field), 0, hi).astype(images.dtype)
+            writer.write_field(i, first if i == 0 and first is not None else corrected(i))
 
         with ThreadPoolExecutor(workers) as pool:  # zarr I/O and numpy release the GIL
             for _ in pool.map(correct, range(images.shape[0])):

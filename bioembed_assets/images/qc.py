@@ -163,7 +163,7 @@ def site_qc(
     *,
     workers: int = 4,
 ) -> pl.DataFrame:
-    """`image_table` (one plate; `field` indexes the store's `images`) plus per-stain QC measures,
+    """`image_table` (one plate; `field` indexes the store's fields) plus per-stain QC measures,
     ``qc_flags`` (Utf8, "" when fine) and ``qc_pass`` (bool). Sites stream through `workers`
     threads, one field each in memory. Earlier QC columns of the same names are replaced."""
     t = thresholds or QCThresholds()

@@ -1,38 +1,35 @@
-"""The zarr plate store: one zarr v3 group per plate holding every field's channels as one array.
+"""Ingest: a plate's field images into its OME-Zarr HCS plate store (`images.ngff`), with per-field QC.
 
-Layout of `<store_path>` (written atomically: readers see the old store or the new one)::
-
-    images   (n_fields, C, H, W), the acquisition dtype (uint8/uint16), chunks (1, 1, H, W) in one shard file
-             per field (`images/c.<field>.0.0.0`), uncompressed by default (`compressor="lz4" | "zstd"`: blosc)
-    attrs    plate, channels, dtype, wells, sites (row i of `images` is field i = (wells[i], sites[i]))
+The store (written atomically: readers see the old store or the new one) holds each field as
+`<row>/<col>/<site k>/{0,1,2}`: (C, H, W) in the acquisition dtype (uint8/uint16) and a two-level
+pyramid, one shard file per level, uncompressed by default (`compressor="lz4" | "zstd"`: blosc).
 """
 
 from __future__ import annotations
 
 import collections
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import numcodecs
 import numpy as np
 import polars as pl
-import zarr
-from zarr.codecs import BloscCodec
 
+from bioembed_assets.images.ngff import (
+    FieldStack,
+    PlateLayout,
+    PlateWriter,
+    blosc_settings,
+    display_ends,
+    open_plate_store,
+)
 from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, validate_plate_name
 from bioembed_assets.sources.layouts import MAX_IMAGE_PIXELS, FieldFiles, FieldSource, check_image_size
 from bioembed_assets.store.atomic import atomic_dir
 
-IMAGES = "images"
 Compressor = Literal["none", "lz4", "zstd"]
-# blosc (cname, clevel, shuffle) per store compressor. Measured on 1080² uint16 Cell Painting planes, one core:
-# lz4-5 byte-shuffle ~1.1 GB/s encode, 1.58x smaller (the store format before `compressor`); zstd-1 bit-shuffle
-# ~0.28 GB/s, 1.76x. Both cost more CPU than writing the raw bytes (~2 GB/s into the page cache), hence "none".
-_BLOSC: dict[str, tuple[str, int, str]] = {"lz4": ("lz4", 5, "shuffle"), "zstd": ("zstd", 1, "bitshuffle")}
 _DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -156,58 +153,6 @@ def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, ahead: 
             yield queue.popleft().result()
 
 
-class _ShardWriter:
-    """Writes each field as the one shard file of a fresh `images` array with shards (1, C, H, W) of
-    (1, 1, H, W) chunks (zarr v3 `sharding_indexed`, index at the end with a crc32c).
-
-    The bytes are what zarr's sharding codec writes (inner chunks [bytes (little-endian)] or [bytes,
-    blosc], back to back, then the (C, 2) uint64 table of their offsets and sizes), without zarr's
-    per-call overhead (zarr-python 3 spends ~10 ms per small write in its event loop, several times the
-    cost of reading the TIFFs). One file per field instead of one per plane: creating a file costs about
-    as much as writing 1 MB into it. Uncompressed fields go from the caller's buffer to the file with no
-    copy. `ingest_plate` reads field 0 back through zarr (whole and one channel) to check.
-    """
-
-    def __init__(self, array: zarr.Array, array_dir: Path, blosc: tuple[str, int, str] | None) -> None:
-        self.dir = array_dir
-        self.encoding = array.metadata.chunk_key_encoding
-        self.codec = None
-        if blosc is not None:
-            cname, clevel, shuffle = blosc
-            self.codec = numcodecs.Blosc.from_config({
-                "cname": cname, "clevel": clevel, "blocksize": 0, "typesize": array.dtype.itemsize,
-                "shuffle": numcodecs.Blosc.BITSHUFFLE if shuffle == "bitshuffle" else numcodecs.Blosc.SHUFFLE,
-            })
-
-    def write(self, index: int, stack: np.ndarray) -> None:
-        import google_crc32c  # zarr's own dependency (its crc32c codec)
-
-        field = np.ascontiguousarray(stack, dtype=stack.dtype.newbyteorder("<"))  # a view on little-endian hosts
-        parts: list[np.ndarray | bytes]
-        if self.codec is None:
-            parts, sizes = [field], [field[0].nbytes] * len(field)
-        else:
-            parts = [self.codec.encode(plane) for plane in field]
-            sizes = [len(part) for part in parts]
-        table = np.zeros((len(field), 2), "<u8")
-        table[:, 1] = sizes
-        table[1:, 0] = np.cumsum(sizes[:-1])
-        parts.append(table.tobytes() + google_crc32c.value(table.tobytes()).to_bytes(4, "little"))
-        _write_new_file(self.dir / self.encoding.encode_chunk_key((index, 0, 0, 0)), parts)
-
-
-def _write_new_file(path: Path, parts: Sequence[np.ndarray | bytes]) -> None:
-    """Create `path` (it must not exist) holding the bytes of `parts`, written from them (no copy)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
 def _qc(stack: np.ndarray) -> tuple[list[float], float]:
     """Per-channel means and the largest per-channel fraction of saturated pixels (at the dtype's max).
 
@@ -227,15 +172,16 @@ def _qc(stack: np.ndarray) -> tuple[list[float], float]:
 
 def ingest_plate(
     fields: Sequence[FieldSource], store_path: Path, channels: Sequence[str], *, workers: int = 4,
-    compressor: Compressor = "none", max_image_pixels: int = MAX_IMAGE_PIXELS,
+    compressor: Compressor = "none", max_image_pixels: int = MAX_IMAGE_PIXELS, pixel_size_um: float | None = None,
 ) -> pl.DataFrame:
-    """Copy a plate's field images into a zarr store at `store_path`; return its image table.
+    """Copy a plate's field images into an OME-Zarr HCS plate store at `store_path`; return its image table.
 
-    `channels` picks and orders the stains. The image table has one row per field: plate, well,
-    site, field (row index into `images`), `qc_mean_<stain>` and `qc_saturated_fraction` (the
+    `channels` picks and orders the stains; `pixel_size_um` (when the source gives it) becomes the
+    NGFF scale. The image table has one row per field: plate, well, site, field (index into the
+    store's fields, `open_plate_images`), `qc_mean_<stain>` and `qc_saturated_fraction` (the
     largest, over channels, fraction of pixels at the dtype's maximum). Fields are streamed on
     `workers` threads (read, check, QC, write; TIFFs are decoded into a reused per-thread buffer,
-    each field is written as one shard file); the store replaces any previous one atomically.
+    each pyramid level of a field is one shard file); the store replaces any previous one atomically.
     `compressor` is the chunks' codec: "none" (the default: the fastest ingest and reads, the store
     as large as the pixels), "lz4" (blosc-lz4, ~1.6x smaller, ~1 GB/s/core to encode) or "zstd"
     (blosc-zstd level 1, ~1.75x smaller, ~0.3 GB/s/core). `fields` are any `FieldSource` (files of
@@ -252,9 +198,7 @@ def ingest_plate(
     validate_plate_name(plate)
     if not channels or len(set(channels)) != len(channels):
         raise BioembedInputError(f"channels must be non-empty and distinct, got {channels}", plate=plate)
-    if compressor != "none" and compressor not in _BLOSC:
-        raise ValueError(f"compressor must be one of 'none', {', '.join(map(repr, _BLOSC))}; got {compressor!r}")
-    blosc = _BLOSC.get(compressor)
+    blosc_settings(compressor)  # refuses an unknown name before anything is written
     if any(f.plate != plate for f in fields):
         raise BioembedInputError(f"fields from several plates: {sorted({f.plate for f in fields})}", plate=plate)
     seen: set[tuple[str, int]] = set()
@@ -266,26 +210,10 @@ def ingest_plate(
     with atomic_dir(store_path) as tmp:
         _check_size(fields[0], channels, max_image_pixels)
         first = _read_field(fields[0], channels)
-        attributes = {
-            "plate": plate,
-            "channels": channels,
-            "dtype": str(first.dtype),
-            "wells": [f.well for f in fields],
-            "sites": [f.site for f in fields],
-        }
-        group = zarr.create_group(tmp, zarr_format=3, attributes=attributes)  # one metadata write (attrs.update: one per key)
-        images = group.create_array(
-            IMAGES,
-            shape=(len(fields), *first.shape),
-            chunks=(1, 1, *first.shape[1:]),
-            shards=first[None].shape,  # one file per field (see _ShardWriter)
-            dtype=first.dtype,
-            compressors=None if blosc is None else [BloscCodec(cname=blosc[0], clevel=blosc[1], shuffle=blosc[2])],
-            fill_value=0,
-            dimension_names=("field", "c", "y", "x"),
-            chunk_key_encoding={"name": "default", "separator": "."},  # flat: no folders to make per field
-        )
-        writer = _ShardWriter(images, tmp / IMAGES, blosc)
+        writer = PlateWriter(tmp, PlateLayout(plate, tuple(f.well for f in fields), tuple(f.site for f in fields)),
+                             "images", first.shape, first.dtype, compressor=compressor, channels=channels,
+                             pixel_size_um=pixel_size_um)
+        writer.begin(display_ends(first))
         local = threading.local()  # each worker thread decodes into its own buffer, reused field after field
 
         def ingest(i: int) -> tuple[list[float], float]:
@@ -312,28 +240,22 @@ def ingest_plate(
                     well=field.well,
                     path=field.location(channels[0]),
                 )
-            writer.write(i, stack)
+            writer.write_field(i, stack)
             return _qc(stack)
 
         rows = [
             (plate, f.well, f.site, i, *means, saturated)
             for i, (f, (means, saturated)) in enumerate(zip(fields, _prefetch(ingest, range(len(fields)), workers, 4 * workers)))
         ]
-        if not (np.array_equal(images[0], first) and np.array_equal(images[0, -1], first[-1])):
+        written = FieldStack(tmp, [f"{writer.paths[0]}/0"])
+        if not (np.array_equal(written[0], first) and np.array_equal(written[0, -1], first[-1])):
             raise RuntimeError(f"zarr did not read back field 0 of {store_path} as written (zarr/numcodecs version?)")
     schema = {PLATE: pl.Utf8, WELL: pl.Utf8, SITE: pl.Int64, FIELD: pl.Int64}
     schema |= {f"qc_mean_{c}": pl.Float64 for c in channels} | {"qc_saturated_fraction": pl.Float64}
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
-def open_plate_images(store_path: Path) -> tuple[zarr.Array, list[str]]:
-    """The `images` array (n_fields, C, H, W) of a plate store and its channel names."""
-    store_path = Path(store_path)
-    if not (store_path / "zarr.json").is_file():
-        raise BioembedInputError("no plate image store here (ingest the plate first)", path=store_path)
-    group = zarr.open_group(store_path, mode="r")
-    if IMAGES not in group:
-        raise BioembedInputError(f"plate store has no {IMAGES!r} array", path=store_path)
-    images = group[IMAGES]
-    assert isinstance(images, zarr.Array)
-    return images, list(group.attrs["channels"])
+def open_plate_images(store_path: Path) -> tuple[FieldStack, list[str]]:
+    """The fields of a plate image store as one (n_fields, C, H, W) array-like, and its channel names."""
+    store = open_plate_store(Path(store_path), "images")
+    return store.fields(), store.channels

@@ -31,7 +31,7 @@ from bioembed_assets.interpret.adapters import classifier_for
 from bioembed_assets.interpret.gradcam import PREDICTED, CamClassifier, grad_cam, upsample
 from bioembed_assets.interpret.gradcamo import THRESHOLD, gradcamo_scores, summarize
 from bioembed_assets.segment.crops import CROP_INDEX, crop_origin, window
-from bioembed_assets.segment.plate import CELL_LABELS
+from bioembed_assets.segment.plate import open_plate_masks
 from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.lake import Lake
 
@@ -88,13 +88,7 @@ def neighbour_masks(home: Home, plate: str, cells: pl.DataFrame, crop_size: int,
     store has them, else nuclei grown by `grow` px. Rows follow `cells` (one field read at a time).
     """
     path = home.mask_store(plate)
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        labels = group["labels"]
-    except (FileNotFoundError, KeyError) as exc:
-        raise s.BioembedInputError("mask store missing or has no 'labels'; materialize `segmentation` first",
-                                   plate=plate, path=path) from exc
-    cell_labels = group[CELL_LABELS] if CELL_LABELS in group.array_keys() else None
+    labels, cell_labels = open_plate_masks(path)
     top, left = crop_origin(cells["centroid_y"].to_numpy(), cells["centroid_x"].to_numpy(), crop_size)
     own = np.zeros((cells.height, crop_size, crop_size), dtype=bool)
     out = np.zeros_like(own)

@@ -16,8 +16,9 @@ import polars as pl
 import zarr
 from skimage.segmentation import expand_labels
 
+from bioembed_assets.images.ngff import open_plate_store
 from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError
-from bioembed_assets.segment.plate import CELL_LABELS, open_plate_images
+from bioembed_assets.segment.plate import CELL_LABELS, open_plate_images, open_plate_masks
 from bioembed_assets.store.atomic import atomic_dir
 
 CROP_INDEX = "crop_index"
@@ -128,13 +129,8 @@ def extract_crops(
         raise ValueError(f"border must be 'drop' or 'pad', got {border!r}")
     images, plate, channels = open_plate_images(store_path)
     n_fields, n_ch, h, w = images.shape
-    try:
-        mask_group = zarr.open_group(str(masks_path), mode="r")
-        labels = mask_group["labels"]
-    except (FileNotFoundError, KeyError) as exc:
-        raise BioembedInputError("masks store missing or has no 'labels'", plate=plate, path=masks_path) from exc
-    cell_labels = mask_group[CELL_LABELS] if CELL_LABELS in mask_group.array_keys() else None
-    for name, arr in (("labels", labels), (CELL_LABELS, cell_labels)):
+    labels, cell_labels = open_plate_masks(masks_path)
+    for name, arr in (("nuclei", labels), (CELL_LABELS, cell_labels)):
         if arr is not None and tuple(arr.shape) != (n_fields, h, w):
             raise BioembedInputError(
                 f"{name} shape {arr.shape} does not match images {(n_fields, h, w)}", plate=plate, path=masks_path
@@ -212,13 +208,8 @@ def _field_index(store_path: Path, plate: str, n_fields: int, image_table: pl.Da
             raise BioembedInputError(f"image table lacks columns {sorted(missing)}", plate=plate, path=store_path)
         table = image_table.select(WELL, SITE, FIELD)
     else:
-        attrs = dict(zarr.open_group(str(store_path), mode="r").attrs)
-        wells, sites = attrs.get("wells"), attrs.get("sites")
-        if wells is None or sites is None or len(wells) != n_fields or len(sites) != n_fields:
-            raise BioembedInputError(
-                "plate store attrs lack per-field 'wells'/'sites'; pass image_table=", plate=plate, path=store_path
-            )
-        table = pl.DataFrame({WELL: wells, SITE: sites, FIELD: list(range(n_fields))})
+        layout = open_plate_store(store_path, "images").layout
+        table = pl.DataFrame({WELL: list(layout.wells), SITE: list(layout.sites), FIELD: list(range(n_fields))})
     table = table.with_columns(pl.col(WELL).cast(pl.Utf8), pl.col(SITE).cast(pl.Int64), pl.col(FIELD).cast(pl.Int64))
     bad = table.filter((pl.col(FIELD) < 0) | (pl.col(FIELD) >= n_fields))
     if bad.height:

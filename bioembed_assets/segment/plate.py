@@ -1,4 +1,4 @@
-"""Segment every field of a plate store: zarr `labels` (nuclei) and optionally `cell_labels`, plus the cell table."""
+"""Segment every field of a plate store: an OME-Zarr mask store (NGFF labels `nuclei`, optionally `cells`) and the cell table."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-import zarr
 from tqdm.auto import tqdm
 
+from bioembed_assets.images.ngff import CELLS, NUCLEI, FieldStack, PlateWriter, open_plate_store
 from bioembed_assets.schema import CELL_ID, FIELD, PLATE, SITE, WELL, BioembedInputError
 from bioembed_assets.segment.cellpose_backend import check_cellpose, segment_nuclei_cellpose
 from bioembed_assets.segment.cells import segment_cells
@@ -30,8 +30,8 @@ CELL_TABLE_SCHEMA: dict[str, pl.DataType] = {
 """Columns and dtypes of the cell table returned by `segment_plate` (nuclear-only mode)."""
 CELL_AREA = "cell_area"
 """Extra Int64 column in whole-cell mode: the cell's area in pixels (nucleus included)."""
-CELL_LABELS = "cell_labels"
-"""Name of the whole-cell label array in the masks store (absent in nuclear-only mode)."""
+CELL_LABELS = CELLS
+"""Name of the whole-cell labels in the mask store (absent in nuclear-only mode)."""
 Backend = Literal["classic", "cellpose"]
 
 
@@ -52,26 +52,16 @@ def label_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return ids, sy[ids] / area[ids], sx[ids] / area[ids], area[ids]
 
 
-def open_plate_images(store_path: Path) -> tuple[zarr.Array, str, list[str]]:
-    """Open a plate store read-only: (images array, plate name, channel names)."""
-    try:
-        group = zarr.open_group(str(store_path), mode="r")
-        images = group["images"]
-    except (FileNotFoundError, KeyError) as exc:
-        raise BioembedInputError(
-            "plate store missing or has no 'images' array", path=store_path
-        ) from exc
-    attrs = dict(group.attrs)
-    plate = str(attrs.get("plate", Path(store_path).stem))
-    channels = [str(c) for c in attrs.get("channels", [])]
-    if images.ndim != 4 or len(channels) != images.shape[1]:
-        raise BioembedInputError(
-            f"expected images (fields, C, H, W) with C == len(channels attr); got shape "
-            f"{images.shape} and channels {channels}",
-            plate=plate,
-            path=store_path,
-        )
-    return images, plate, channels
+def open_plate_images(store_path: Path) -> tuple[FieldStack, str, list[str]]:
+    """Open a plate image store read-only: (fields (n_fields, C, H, W), plate name, channel names)."""
+    store = open_plate_store(Path(store_path), "images")
+    return store.fields(), store.plate, store.channels
+
+
+def open_plate_masks(masks_path: Path) -> tuple[FieldStack, FieldStack | None]:
+    """The nuclei and (whole-cell mode) cell labels of a mask store, each (n_fields, H, W)."""
+    store = open_plate_store(Path(masks_path), "masks")
+    return store.fields(NUCLEI), store.fields(CELLS) if store.has_label(CELLS) else None
 
 
 def _check_image_table(table: pl.DataFrame, plate: str, n_fields: int, path: Path) -> pl.DataFrame:
@@ -153,16 +143,15 @@ def segment_plate(
     parts: list[np.ndarray] = []
     diameters: list[float] = []
     n_stats = 6 if cc is not None else 5
+    names = [NUCLEI] + ([CELLS] if cc is not None else [])
     with atomic_dir(masks_path) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
-        labels_arr = group.create_array(
-            "labels", shape=(n_fields, h, w), chunks=(1, h, w), dtype="int32", fill_value=0
-        )
-        cells_arr = None
-        if cc is not None:
-            cells_arr = group.create_array(
-                CELL_LABELS, shape=(n_fields, h, w), chunks=(1, h, w), dtype="int32", fill_value=0
-            )
+        store = open_plate_store(store_path, "images")
+        writer = PlateWriter(tmp, store.layout, "masks", (h, w), np.dtype("int32"), compressor="lz4",
+                             pixel_size_um=store.attrs.get("pixel_size_um"), attrs={"labels": names})
+        writer.begin()
+        empty = np.zeros((h, w), np.int32)
+        for f in sorted(set(range(n_fields)) - set(table[FIELD].to_list())):
+            writer.write_labels(f, dict.fromkeys(names, empty))
         for f in tqdm(table[FIELD].to_list(), desc=f"segment {plate}", disable=not progress):
             if backend == "cellpose":
                 lab = segment_nuclei_cellpose(np.asarray(images[f, c]), Path(model_path), **segment_kwargs)
@@ -170,13 +159,15 @@ def segment_plate(
                 lab, params = segment_nuclei_with_params(np.asarray(images[f, c]), **segment_kwargs)
                 if params is not None:
                     diameters.append(params.diameter)
-            labels_arr[f] = lab
+            lab = lab.astype(np.int32, copy=False)
             ids, cy, cx, area = label_stats(lab)
             cols = [np.full(len(ids), f), ids, cy, cx, area]
-            if cells_arr is not None:
-                cell_lab = segment_cells(lab, np.asarray(images[f, cc]), **cell_kwargs)
-                cells_arr[f] = cell_lab
+            masks = {NUCLEI: lab}
+            if cc is not None:
+                cell_lab = segment_cells(lab, np.asarray(images[f, cc]), **cell_kwargs).astype(np.int32, copy=False)
+                masks[CELLS] = cell_lab
                 cols.append(np.bincount(cell_lab.ravel(), minlength=int(lab.max()) + 1)[ids])
+            writer.write_labels(f, masks)
             parts.append(np.column_stack(cols) if len(ids) else np.zeros((0, n_stats)))
         stats = np.concatenate(parts) if parts else np.zeros((0, n_stats))
         if backend == "cellpose":
@@ -196,7 +187,7 @@ def segment_plate(
         if cell_channel is not None:
             attrs["cell_segmentation"] = {"method": "propagation-watershed",
                                           **{k: v for k, v in cell_kwargs.items() if _jsonable(v)}}
-        group.attrs.update(attrs)
+        writer.finish(attrs)
 
     data = {
         FIELD: stats[:, 0].astype(np.int64),
