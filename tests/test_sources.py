@@ -216,7 +216,7 @@ def test_ingest_round_trip_and_atomic_replace(screen, tmp_path: Path) -> None:
     assert table["qc_mean_DNA"][3] == pytest.approx(float(data[3, 1].mean()))
     import zarr
 
-    assert dict(zarr.open_group(store, mode="r").attrs)["plate"] == plates[0]
+    assert dict(zarr.open_group(store, mode="r").attrs)["bioembed"]["plate"] == plates[0]
     # re-ingest (another channel order) replaces the store whole; no temporary folders remain
     ingest_plate(fields[:4], store, list(CELL_PAINTING_CHANNELS))
     images, names = open_plate_images(store)

@@ -311,7 +311,7 @@ class PlateWriter:
             label_dir = field_dir / "labels" / name
             write_group(label_dir, _ome(multiscales=[multiscales(f"{self._name(i)} {name}", names, channel_axis=False,
                                                                  pixel_size_um=self.pixel_size_um)],
-                                        **{"image-label": {}}))
+                                        **{"image-label": {"colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]}}))
             self._write_levels(label_dir, names, lab)
 
     def _write_levels(self, parent: Path, names: Sequence[str], data: np.ndarray) -> None:
@@ -352,7 +352,10 @@ def open_plate_store(root: Path, kind: Kind | None = None) -> PlateStore:
     """Open a bioembed HCS plate store, checking it is one (and of `kind`)."""
     root = Path(root)
     if not (root / "zarr.json").is_file():
-        raise BioembedInputError("no plate store here (materialize the asset that writes it first)", path=root)
+        hint = {"images": "no plate image store here (ingest the plate first)",
+                "corrected": "no corrected image store here (materialize `corrected_images` first)",
+                "masks": "no mask store here (materialize `segmentation` first)"}
+        raise BioembedInputError(hint.get(kind or "", "no plate store here"), path=root)
     attrs = zarr.open_group(root, mode="r").attrs.asdict()
     own = attrs.get(BIOEMBED_KEY)
     if "ome" not in attrs or not isinstance(own, dict) or "fields" not in own:
@@ -387,6 +390,11 @@ class FieldStack:
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self.paths), *self.field_shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """Chunk shape as one array: a field's (inner) chunks, one field deep."""
+        return (1, *self.field(0).chunks) if self.paths else ()
 
     @property
     def ndim(self) -> int:

@@ -176,9 +176,10 @@ def ingest_plate(
 ) -> pl.DataFrame:
     """Copy a plate's field images into an OME-Zarr HCS plate store at `store_path`; return its image table.
 
-    `channels` picks and orders the stains; `pixel_size_um` (when the source gives it) becomes the
-    NGFF scale. The image table has one row per field: plate, well, site, field (index into the
-    store's fields, `open_plate_images`), `qc_mean_<stain>` and `qc_saturated_fraction` (the
+    `channels` picks and orders the stains; `pixel_size_um` (default: the source's, Phenix `Index.xml`
+    or OME-Zarr scale, when it has one) becomes the NGFF scale in micrometres. The image table has
+    one row per field: plate, well, site, field (index into the store's fields, `open_plate_images`),
+    `qc_mean_<stain>` and `qc_saturated_fraction` (the
     largest, over channels, fraction of pixels at the dtype's maximum). Fields are streamed on
     `workers` threads (read, check, QC, write; TIFFs are decoded into a reused per-thread buffer,
     each pyramid level of a field is one shard file); the store replaces any previous one atomically.
@@ -198,6 +199,8 @@ def ingest_plate(
     validate_plate_name(plate)
     if not channels or len(set(channels)) != len(channels):
         raise BioembedInputError(f"channels must be non-empty and distinct, got {channels}", plate=plate)
+    if pixel_size_um is None:
+        pixel_size_um = getattr(fields[0], "pixel_size_um", None)
     blosc_settings(compressor)  # refuses an unknown name before anything is written
     if any(f.plate != plate for f in fields):
         raise BioembedInputError(f"fields from several plates: {sorted({f.plate for f in fields})}", plate=plate)

@@ -89,6 +89,8 @@ class FieldFiles:
     well: str
     site: int
     paths: dict[str, Path]
+    pixel_size_um: float | None = None
+    """Pixel size in micrometres when the acquisition metadata gives it (Phenix `Index.xml`)."""
 
     @property
     def stains(self) -> tuple[str, ...]:
@@ -363,9 +365,10 @@ class FieldCollector:
         return out
 
     def file_fields(
-        self, expected: Callable[[str, int, str, str, Any], str] | None = None, *, expected_is_path: bool = True
+        self, expected: Callable[[str, int, str, str, Any], str] | None = None, *, expected_is_path: bool = True,
+        pixel_size_um: float | None = None,
     ) -> list[FieldFiles]:
-        return [FieldFiles(self.plate, well, site, paths)
+        return [FieldFiles(self.plate, well, site, paths, pixel_size_um)
                 for (well, site), paths in self.complete(expected, expected_is_path=expected_is_path)]
 
 

@@ -62,6 +62,8 @@ class ZarrField:
     """stain -> channel index."""
     z: int | str = 0
     t: int = 0
+    pixel_size_um: float | None = None
+    """The level-0 x scale in micrometres when the multiscales metadata gives a space unit."""
 
     @property
     def stains(self) -> tuple[str, ...]:
@@ -254,6 +256,25 @@ def _axes(ms: dict[str, Any], where: _Where) -> str:
     return "".join(names)
 
 
+_UNITS_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
+
+
+def _pixel_size_um(ms: dict[str, Any], dataset: dict[str, Any]) -> float | None:
+    """x pixel size (µm) of a multiscales level: its (and the multiscale's) `scale` along x, when x has a
+    known space unit; None otherwise (no unit means no physical size)."""
+    axes = [a for a in ms.get("axes") or [] if isinstance(a, dict)]
+    names = [str(a.get("name", "")).lower() for a in axes]
+    if "x" not in names or axes[names.index("x")].get("unit") not in _UNITS_UM:
+        return None
+    size = _UNITS_UM[axes[names.index("x")]["unit"]]
+    for transforms in (dataset.get("coordinateTransformations"), ms.get("coordinateTransformations")):
+        for tr in transforms or []:
+            scale = tr.get("scale") if isinstance(tr, dict) and tr.get("type") == "scale" else None
+            if isinstance(scale, list) and len(scale) == len(names) and isinstance(scale[names.index("x")], (int, float)):
+                size *= float(scale[names.index("x")])
+    return size if size > 0 else None
+
+
 def _well_id(entry: dict[str, Any], well_path: str, rows: list[str], columns: list[str], where: _Where) -> str:
     """The well id of a plate.wells entry: from rowIndex/columnIndex when given, else from its path."""
     if "rowIndex" in entry and "columnIndex" in entry and rows and columns:
@@ -324,7 +345,7 @@ def list_omezarr_fields(
                                 at_field)
             labels = [ch.get("label") for ch in channels]
             site = k + 1
-            base = ZarrField(plate, well, site, root, array_path, axes, {}, z, t)
+            base = ZarrField(plate, well, site, root, array_path, axes, {}, z, t, _pixel_size_um(ms, datasets[0]))
             for c in range(n_channels):
                 label = labels[c] if c < len(labels) else None
                 token = str(label) if label is not None and cmap.lookup(str(label)) is not None else str(c)
@@ -337,5 +358,5 @@ def list_omezarr_fields(
     for (well, site), items in collector.complete(expected_is_path=False):
         base = next(iter(items.values()))[0]
         fields.append(ZarrField(plate, well, site, root, base.array_path, base.axes,
-                                {stain: c for stain, (_, c) in items.items()}, z, t))
+                                {stain: c for stain, (_, c) in items.items()}, z, t, base.pixel_size_um))
     return fields

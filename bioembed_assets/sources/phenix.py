@@ -68,4 +68,28 @@ def list_phenix_fields(
         token = cmap.normalize(key)
         return display_path(example.with_name(example.name[: m.start(5)] + token + example.name[m.end(5) :]))
 
-    return collector.file_fields(expected)
+    return collector.file_fields(expected, pixel_size_um=phenix_pixel_size_um(folder))
+
+
+_UNITS_UM = {"m": 1e6, "mm": 1e3, "um": 1.0, "µm": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3}
+
+
+def phenix_pixel_size_um(folder: Path) -> float | None:
+    """The image pixel size (µm) from the Harmony/Phenix `Index.xml` (or `Index.idx.xml`) beside the images:
+    the first `ImageResolutionX` (in metres in Harmony exports); None when there is no such file or value."""
+    import xml.etree.ElementTree as ET
+
+    for name in ("Index.xml", "Index.idx.xml", "Index.ref.xml"):
+        for path in (folder / name, folder.parent / name):
+            if not path.is_file():
+                continue
+            try:
+                for _, element in ET.iterparse(path):
+                    if element.tag.rsplit("}", 1)[-1] == "ImageResolutionX" and (element.text or "").strip():
+                        factor = _UNITS_UM.get(str(element.get("Unit", "m")).strip(), None)
+                        value = float(element.text) * factor if factor else None
+                        return value if value and value > 0 else None
+            except (ET.ParseError, ValueError):
+                return None
+            return None
+    return None
