@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+
+ProgressCallback = Callable[[int, int], None]
+"""`progress(done, total)`: what long library steps call as they go (fields of a plate, crops of a store)."""
 
 CELL_PAINTING_CHANNELS: tuple[str, ...] = ("DNA", "ER", "RNA", "AGP", "Mito")
 """The five Cell Painting stains, in bioembed's canonical order."""

@@ -18,6 +18,7 @@ from bioembed_assets.images.illumination import correct_plate_store, estimate_il
 from bioembed_assets.images.ngff import BIOEMBED_KEY, open_plate_store, write_plate_store
 from bioembed_assets.images.store import ingest_plate, open_plate_images
 from bioembed_assets.schema import BioembedInputError
+from bioembed_assets.segment.crops import extract_crops
 from bioembed_assets.segment.plate import open_plate_masks, segment_plate
 from bioembed_assets.sources.omezarr import list_omezarr_fields
 from bioembed_assets.sources.phenix import list_phenix_fields
@@ -140,3 +141,23 @@ def test_reader_errors_name_the_store(tmp_path: Path) -> None:
     write_plate_store(tmp_path / "p.zarr", np.zeros((1, 1, 8, 8), np.uint16), ["DNA"], "P")
     with pytest.raises(BioembedInputError, match="expected a masks store, this is a images store"):
         open_plate_masks(tmp_path / "p.zarr")
+
+
+def test_plate_stages_report_progress_per_field(stores: dict[str, Path], tmp_path: Path) -> None:
+    """ingest, illumination correction, segmentation and crops call progress(done, total) as they go."""
+    calls: dict[str, list[tuple[int, int]]] = {}
+
+    def recorder(stage: str):
+        return lambda done, total: calls.setdefault(stage, []).append((done, total))
+
+    fields = list_phenix_fields(stores["raw"], stores["raw"].name, SYNTHETIC_CHANNEL_MAP)
+    table = ingest_plate(fields, tmp_path / "i.zarr", CHANNELS, progress=recorder("ingest"))
+    correct_plate_store(tmp_path / "i.zarr", np.ones((5, 96, 96), np.float32), tmp_path / "c.zarr",
+                        progress=recorder("illumination"))
+    cells = segment_plate(tmp_path / "c.zarr", table, tmp_path / "m.zarr", on_field=recorder("segmentation"))
+    kept, _ = extract_crops(tmp_path / "c.zarr", tmp_path / "m.zarr", cells, tmp_path / "crops.zarr", crop_size=32,
+                            progress=recorder("crops"))
+    for stage in ("ingest", "illumination", "segmentation"):
+        assert calls[stage] == [(k, 12) for k in range(1, 13)], stage
+    with_cells = kept["field"].n_unique()  # fields with a kept cell
+    assert calls["crops"] == [(k, with_cells) for k in range(1, with_cells + 1)]

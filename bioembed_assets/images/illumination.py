@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from bioembed_assets.images.ngff import PlateWriter, display_ends, open_plate_store
 from bioembed_assets.images.store import open_plate_images
-from bioembed_assets.schema import BioembedInputError
+from bioembed_assets.schema import BioembedInputError, ProgressCallback
 from bioembed_assets.store.atomic import atomic_dir, atomic_file
 
 ILLUM_FLOOR = 0.05
@@ -130,13 +130,14 @@ def load_illumination(path: Path) -> tuple[np.ndarray, list[str]]:
         return z["illum"].astype(np.float32), [str(s) for s in z["channels"]]
 
 
-def correct_plate_store(src_store: Path, illum: np.ndarray, dst_store: Path, *, workers: int = 4) -> None:
+def correct_plate_store(src_store: Path, illum: np.ndarray, dst_store: Path, *, workers: int = 4,
+                        progress: ProgressCallback | None = None) -> None:
     """Write `dst_store`: a copy of the plate store with every field divided by `illum`.
 
     The same OME-Zarr plate layout, codec, channels and pixel size, `bioembed.kind` "corrected" and
     ``bioembed.illumination_corrected: true``. Values are
     rounded and clipped to the dtype's range. Field by field on `workers` threads; `dst_store` appears atomically
-    (it may be `src_store` itself, which is then replaced whole).
+    (it may be `src_store` itself, which is then replaced whole); `progress(done, total)` after each field.
     """
     src_store, dst_store = Path(src_store), Path(dst_store)
     source = open_plate_store(src_store, "images")
@@ -166,5 +167,6 @@ def correct_plate_store(src_store: Path, illum: np.ndarray, dst_store: Path, *, 
             writer.write_field(i, first if i == 0 and first is not None else corrected(i))
 
         with ThreadPoolExecutor(workers) as pool:  # zarr I/O and numpy release the GIL
-            for _ in pool.map(correct, range(images.shape[0])):
-                pass
+            for done, _ in enumerate(pool.map(correct, range(images.shape[0])), 1):
+                if progress is not None:
+                    progress(done, images.shape[0])

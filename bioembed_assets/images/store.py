@@ -25,7 +25,7 @@ from bioembed_assets.images.ngff import (
     display_ends,
     open_plate_store,
 )
-from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, validate_plate_name
+from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, ProgressCallback, validate_plate_name
 from bioembed_assets.sources.layouts import MAX_IMAGE_PIXELS, FieldFiles, FieldSource, check_image_size
 from bioembed_assets.store.atomic import atomic_dir
 
@@ -173,6 +173,7 @@ def _qc(stack: np.ndarray) -> tuple[list[float], float]:
 def ingest_plate(
     fields: Sequence[FieldSource], store_path: Path, channels: Sequence[str], *, workers: int = 4,
     compressor: Compressor = "none", max_image_pixels: int = MAX_IMAGE_PIXELS, pixel_size_um: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> pl.DataFrame:
     """Copy a plate's field images into an OME-Zarr HCS plate store at `store_path`; return its image table.
 
@@ -190,7 +191,7 @@ def ingest_plate(
     shape and one dtype. Bad inputs (corrupt or truncated files, other shapes, mixed bit depth,
     non-integer pixels, an image header of more than `max_image_pixels` pixels, refused before its
     pixels are allocated) raise BioembedInputError naming plate, well and file, and leave no store (nor
-    any temporary folder) behind.
+    any temporary folder) behind. `progress(done, total)` is called as each field is stored.
     """
     if not fields:
         raise BioembedInputError("no fields to ingest", path=store_path)
@@ -246,10 +247,11 @@ def ingest_plate(
             writer.write_field(i, stack)
             return _qc(stack)
 
-        rows = [
-            (plate, f.well, f.site, i, *means, saturated)
-            for i, (f, (means, saturated)) in enumerate(zip(fields, _prefetch(ingest, range(len(fields)), workers, 4 * workers)))
-        ]
+        rows = []
+        for i, (f, (means, saturated)) in enumerate(zip(fields, _prefetch(ingest, range(len(fields)), workers, 4 * workers))):
+            rows.append((plate, f.well, f.site, i, *means, saturated))
+            if progress is not None:
+                progress(i + 1, len(fields))
         written = FieldStack(tmp, [f"{writer.paths[0]}/0"])
         if not (np.array_equal(written[0], first) and np.array_equal(written[0, -1], first[-1])):
             raise RuntimeError(f"zarr did not read back field 0 of {store_path} as written (zarr/numcodecs version?)")

@@ -33,9 +33,9 @@ from bioembed_assets.inference.devices import (
 )
 from bioembed_assets.inference.reader import CropBatchReader, HostBatch
 from bioembed_assets.inference.resize import resize_crops, resize_images, resize_masks
+from bioembed_assets.schema import ProgressCallback
 
 log = logging.getLogger(__name__)
-ProgressCallback = Callable[[int, int], None]
 Outputs = dict[str, torch.Tensor]
 
 

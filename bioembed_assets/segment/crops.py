@@ -17,7 +17,7 @@ import zarr
 from skimage.segmentation import expand_labels
 
 from bioembed_assets.images.ngff import open_plate_store
-from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError
+from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, ProgressCallback
 from bioembed_assets.segment.plate import CELL_LABELS, open_plate_images, open_plate_masks
 from bioembed_assets.store.atomic import atomic_dir
 
@@ -102,8 +102,10 @@ def extract_crops(
     *,
     border: BorderPolicy = "drop",
     mask_neighbors: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """Cut a crop_size x crop_size window around every cell; write images + masks to zarr.
+    `progress(done, total)` is called after each field with cells (total: those fields).
 
     Writes (atomically) a zarr group at `crops_path` with `images` (N, C, S, S) in the store's
     dtype and `masks` (N, S, S) bool, attrs {plate, channels, crop_size, grow, policy,
@@ -163,7 +165,8 @@ def extract_crops(
         )
         mask_arr = group.create_array("masks", shape=(n, s, s), chunks=(chunk, s, s), dtype="bool", fill_value=False)
         writer = _ChunkWriter({"images": img_arr, "masks": mask_arr}, chunk)
-        for (f,), sub in kept.group_by(FIELD, maintain_order=True):
+        n_with_cells = kept[FIELD].n_unique() if n else 0
+        for done, ((f,), sub) in enumerate(kept.group_by(FIELD, maintain_order=True), 1):
             field_img = np.asarray(images[int(f)])
             _check_finite(field_img, plate, int(f), sub[WELL][0] if WELL in sub.columns else None, store_path)
             if cell_labels is not None:
@@ -182,6 +185,8 @@ def extract_crops(
                         crop[:, others] = 0
                         masked_neighbor_pixels += int(others.sum())
                 writer.add(images=crop, masks=own)
+            if progress is not None:
+                progress(done, n_with_cells)
         written = writer.close()
         assert written == n, (written, n)
         padded_cells = int((kept[PADDED_PIXELS] > 0).sum()) if n else 0

@@ -10,7 +10,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from bioembed_assets.images.ngff import CELLS, NUCLEI, FieldStack, PlateWriter, open_plate_store
-from bioembed_assets.schema import CELL_ID, FIELD, PLATE, SITE, WELL, BioembedInputError
+from bioembed_assets.schema import CELL_ID, FIELD, PLATE, SITE, WELL, BioembedInputError, ProgressCallback
 from bioembed_assets.segment.cellpose_backend import check_cellpose, segment_nuclei_cellpose
 from bioembed_assets.segment.cells import segment_cells
 from bioembed_assets.segment.nuclei import segment_nuclei_with_params
@@ -99,6 +99,7 @@ def segment_plate(
     cell_kwargs: dict[str, Any] | None = None,
     backend: Backend = "classic",
     model_path: Path | None = None,
+    on_field: ProgressCallback | None = None,
     **segment_kwargs: Any,
 ) -> pl.DataFrame:
     """Segment nuclei (and optionally whole cells) in every field; write masks, return the cell table.
@@ -152,7 +153,8 @@ def segment_plate(
         empty = np.zeros((h, w), np.int32)
         for f in sorted(set(range(n_fields)) - set(table[FIELD].to_list())):
             writer.write_labels(f, dict.fromkeys(names, empty))
-        for f in tqdm(table[FIELD].to_list(), desc=f"segment {plate}", disable=not progress):
+        todo = table[FIELD].to_list()
+        for done, f in enumerate(tqdm(todo, desc=f"segment {plate}", disable=not progress), 1):
             if backend == "cellpose":
                 lab = segment_nuclei_cellpose(np.asarray(images[f, c]), Path(model_path), **segment_kwargs)
             else:
@@ -168,6 +170,8 @@ def segment_plate(
                 masks[CELLS] = cell_lab
                 cols.append(np.bincount(cell_lab.ravel(), minlength=int(lab.max()) + 1)[ids])
             writer.write_labels(f, masks)
+            if on_field is not None:
+                on_field(done, len(todo))
             parts.append(np.column_stack(cols) if len(ids) else np.zeros((0, n_stats)))
         stats = np.concatenate(parts) if parts else np.zeros((0, n_stats))
         if backend == "cellpose":
