@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -14,7 +16,14 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     """Print the per-encoder metrics, catalog location, UI commands and an example query."""
     from bioembed_assets.pipeline import DEFAULT_ENCODERS
     from bioembed_assets.registry import EncoderRegistry
-    from bioembed_assets.report import format_metrics, ground_truth_table, metrics_table, run_example
+    from bioembed_assets.report import (
+        GROUND_TRUTH_LABELS,
+        format_metrics,
+        format_table,
+        ground_truth_table,
+        metrics_table,
+        run_example,
+    )
 
     home = outcome.home
     print("\nPer encoder (raw = well medians, card = PCA on controls + per-plate scaling):")
@@ -27,7 +36,7 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
     print("  Z': positive vs negative control wells on a cross-fitted 1-D projection (> 0.5 excellent)")
     if ground_truth is not None and ground_truth.exists():
         print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")
-        print(ground_truth_table(home.catalog_path, ground_truth))
+        print(format_table(ground_truth_table(home.catalog_path, ground_truth), labels=GROUND_TRUTH_LABELS))
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
     versions = [registry.get(setup.name) for setup in DEFAULT_ENCODERS]
     print("\nEncoders (MLflow champion): " + "; ".join(v.describe() for v in versions if v is not None))
@@ -37,7 +46,7 @@ def _report(outcome, ground_truth: Path | None = None) -> int:
         print(f"\nFailed: {outcome.failures}")
     sql, result = run_example(home.catalog_path, "top_similar_wells")
     print(f"\nDuckDB catalog: {home.catalog_path}  (open read-only)")
-    print(f"Example query:\n{sql}\n{result}")
+    print(f"Example query:\n{sql}\n{format_table(result)}")
     print(f"\nDagster UI:  DAGSTER_HOME={home.dagster_home} BIOEMBED_HOME={home.root} "
           "uv run dagster dev -m dagster_project.definitions")
     print(f"MLflow UI:   MLFLOW_DISABLE_TELEMETRY=true MPLCONFIGDIR={home.matplotlib_config} uv run mlflow ui "
@@ -61,9 +70,7 @@ def _report_learning(outcome) -> None:
                 ("challenger", registry.version(learning.encoder, learning.challenger_version))]
     print(f"\nLearning loop ({learning.encoder}): champion v{learning.champion_version} (untrained) vs challenger "
           f"v{learning.challenger_version} (trained briefly on the demo plates); same plates, recipes and metrics")
-    table = compare_table(home, versions).filter(pl.col("metric").is_in(KEY_METRICS))
-    with _wide_tables():
-        print(table)
+    print(_versions_table(compare_table(home, versions).filter(pl.col("metric").is_in(KEY_METRICS))))
     print(f"Promotion rule: {learning.decision}")
     if learning.promoted:
         print("Promoted: `champion` moved to the challenger, the old one kept as `previous`; the registry sensor "
@@ -76,10 +83,44 @@ def _report_learning(outcome) -> None:
     print(f"Full comparison: uv run bioembed compare --home {home.root} --encoder {learning.encoder}")
 
 
+def _versions_table(table, fmt: str = "table") -> str:
+    """`challenger.compare_table` (recipe, metric x one column per version) for the terminal."""
+    from bioembed_assets.report import format_table
+
+    gaps = {c: "this version has no value for that recipe and metric" for c in table.columns[2:]}
+    return format_table(table, fmt, gaps=gaps)
+
+
+@contextmanager
+def _config_file(path: str | Path) -> Iterator[None]:
+    """Name the config file in TOML syntax and validation errors, one line each."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config {path}: not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ValueError(f"config {path}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line (pydantic's: `field: problem; ...`)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
 def _demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from dataclasses import replace
 
+    from dagster_project.cli_progress import StageProgress
     from dagster_project.demo import DEMO_SCREEN, run_demo
 
     screen = replace(DEMO_SCREEN, n_plates=args.plates, seed=args.seed)
@@ -87,17 +128,34 @@ def _demo(args: argparse.Namespace) -> int:
     if args.config:
         import tomllib
 
-        overrides = tomllib.loads(Path(args.config).read_text())
-    outcome = run_demo(args.home, screen, null_size=args.null_size, learn=not args.no_train, overrides=overrides)
+        with _config_file(args.config):
+            overrides = tomllib.loads(Path(args.config).read_text())
+    progress = StageProgress(args.plates)
+    try:
+        outcome = run_demo(args.home, screen, null_size=args.null_size, learn=not args.no_train, overrides=overrides,
+                           log=progress)
+    finally:
+        progress.close()
     return _report(outcome, outcome.home.raw_root / "ground_truth.csv")
 
 
 def _run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from bioembed_assets.config import RunConfig
+    from dagster_project.cli_progress import StageProgress
     from dagster_project.demo import run_with_config
 
-    return _report(run_with_config(args.home, RunConfig.load(args.config), null_size=args.null_size))
+    with _config_file(args.config):
+        config = RunConfig.load(args.config)
+    if missing := [p for p in config.plates or [] if not config.plate_dir(p).is_dir()]:  # fail before any run starts
+        raise FileNotFoundError(f"config {args.config}: plate(s) {', '.join(missing)} have no folder under "
+                                f"raw_root {config.raw_root}")
+    progress = StageProgress(len(config.plates or []) or None)  # None: every folder under raw_root, counted as they run
+    try:
+        outcome = run_with_config(args.home, config, null_size=args.null_size, log=progress)
+    finally:
+        progress.close()
+    return _report(outcome)
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, list[str]]:
@@ -139,6 +197,9 @@ def _import_profiles(args: argparse.Namespace) -> int:
 
     if bool(args.metadata) != bool(args.on):
         raise ValueError("--metadata FILE and --on COL[,COL] go together (the table to join and its key columns)")
+    for kind, paths in (("profile table", args.files), ("--metadata table", args.metadata)):
+        if missing := [f for f in paths if not Path(f).is_file()]:
+            raise FileNotFoundError(f"{kind} {', '.join(missing)} does not exist (or is not a file)")
     config = {"name": args.name, "files": [str(Path(f).resolve()) for f in args.files], "plate_col": args.plate_col,
               "well_col": args.well_col, "perturbation_cols": names([args.perturbation] if args.perturbation else []),
               "canonical_perturbation": args.canonical_perturbation, "negative": _pairs(args.negative, "--negative"),
@@ -191,7 +252,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.no_evaluate:
         challenger.evaluate_against_champion(home, registry, champion, outcome.version, run_config.recipes,
                                              device=args.device, null_size=args.null_size, crossfit=run_config.crossfit)
-        print(challenger.compare_table(home, [("champion", champion), ("challenger", outcome.version)]))
+        print(_versions_table(challenger.compare_table(home, [("champion", champion), ("challenger", outcome.version)])))
         print(f"\nNext: uv run bioembed promote --home {home.root} --encoder {args.encoder}")
     return 0
 
@@ -203,6 +264,7 @@ def _compare(args: argparse.Namespace) -> int:
     from bioembed_assets.pipeline import load_run_config
     from bioembed_assets.promotion import decide
     from bioembed_assets.registry import CHALLENGER, CHAMPION, PREVIOUS, EncoderRegistry
+    from bioembed_assets.report import format_table
 
     home = Home(root=Path(args.home).expanduser().resolve())
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
@@ -212,8 +274,9 @@ def _compare(args: argparse.Namespace) -> int:
         table = compare_encoders(home, registry)
         if table.height == 0:
             raise LookupError(f"no encoder is registered in {home.mlflow_db}; run the pipeline first")
-        with _wide_tables():
-            print(table)
+        print(format_table(table, args.format, gaps={"recipe": "never evaluated", "crops_per_s": "not measured"}))
+        if args.format != "table":
+            return 0
         print("weights: trained / untrained (random init) / none (parameter-free); crops_per_s: measured while "
               "embedding the plates; metrics per recipe as in `bioembed sql \"SELECT * FROM metrics\"`")
         return 0
@@ -221,9 +284,8 @@ def _compare(args: argparse.Namespace) -> int:
     if not versions:
         raise LookupError(f"encoder {args.encoder!r} is not registered in {home.mlflow_db}")
     evaluated = [(a, v) for a, v in versions if challenger.version_metrics(home, v).height]
-    with _wide_tables():
-        print(challenger.compare_table(home, evaluated))
-    if any(a == CHALLENGER for a, _ in evaluated):
+    print(_versions_table(challenger.compare_table(home, evaluated), args.format))
+    if args.format == "table" and any(a == CHALLENGER for a, _ in evaluated):
         run_config = load_run_config(home)
         print(decide(home, registry, args.encoder, run_config.promotion, list(run_config.recipes)).summary())
     return 0
@@ -235,6 +297,7 @@ def _promote(args: argparse.Namespace) -> int:
     from bioembed_assets.pipeline import load_run_config
     from bioembed_assets.promotion import apply_promotion, decide, rollback
     from bioembed_assets.registry import EncoderRegistry
+    from bioembed_assets.report import format_table
 
     home = Home(root=Path(args.home).expanduser().resolve())
     registry = EncoderRegistry(home.mlflow_tracking_uri, home.mlflow_artifacts)
@@ -246,8 +309,7 @@ def _promote(args: argparse.Namespace) -> int:
         raise ValueError("--force needs a reason, e.g. --force 'validated on the external plate set'")
     run_config = load_run_config(home)
     decision = decide(home, registry, args.encoder, run_config.promotion, list(run_config.recipes))
-    with _wide_tables():
-        print(decision.table())
+    print(format_table(decision.table()))
     print(decision.summary())
     if not decision.promote and args.force is None:
         print("Not promoted (use --force REASON to override; the reason is recorded on the version).")
@@ -256,12 +318,6 @@ def _promote(args: argparse.Namespace) -> int:
     print(f"{args.encoder}: champion is now v{version.version} ({version.tags.get('promoted_by')}); "
           f"v{decision.champion.version} is `previous`. The registry sensor re-embeds its plates in Dagster.")
     return 0
-
-
-def _wide_tables():
-    import polars as pl
-
-    return pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=3)
 
 
 def _sql(args: argparse.Namespace) -> int:
@@ -307,6 +363,40 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    """Print a home's headline metrics (and, for the demo, its ground-truth check) in `--format`; with
+    `--update-readme FILE`, rewrite FILE's generated block with the markdown."""
+    from bioembed_assets.config import Home
+    from bioembed_assets.report import (
+        GROUND_TRUTH_LABELS,
+        demo_report_markdown,
+        format_metrics,
+        format_table,
+        ground_truth_table,
+        metrics_table,
+        replace_readme_block,
+    )
+
+    home = Home(root=Path(args.home).expanduser().resolve())
+    if not home.catalog_path.exists():
+        raise FileNotFoundError(f"no catalog at {home.catalog_path}; run `bioembed demo` or `bioembed run` first")
+    ground_truth = home.raw_root / "ground_truth.csv"
+    if args.update_readme or args.format == "markdown":
+        block = demo_report_markdown(home.catalog_path, ground_truth)
+        if args.update_readme:
+            readme = Path(args.update_readme)
+            readme.write_text(replace_readme_block(readme.read_text(), block))
+            print(f"Updated the generated block of {readme}")
+        else:
+            print(block)
+        return 0
+    print(format_metrics(metrics_table(home.catalog_path), args.format))
+    if args.format == "table" and ground_truth.exists():
+        print("\nGround truth (synthetic): retrieval of truly active vs inactive perturbations")
+        print(format_table(ground_truth_table(home.catalog_path, ground_truth), labels=GROUND_TRUTH_LABELS))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     """Write a feature set's profiles (raw or one recipe's) as h5ad, parquet or csv."""
     from bioembed_assets.export import load_export, write_export
@@ -333,12 +423,20 @@ def _quiet_libraries() -> None:
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default in --help when it has a meaningful one (not None/False, not required)."""
+    """Shows an option's default in --help when it has a meaningful one (not None/False/[], not required)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+        if action.required or action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+def _add_format(parser: argparse.ArgumentParser) -> None:
+    from bioembed_assets.report import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table: aligned text; csv / json: full precision for scripts; markdown: for docs")
 
 
 def _version() -> str:
@@ -350,15 +448,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option of `bioembed`."""
     parser = argparse.ArgumentParser(prog="bioembed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bioembed {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate a synthetic screen and materialize the whole graph")
     demo.add_argument("--home", default="bioembed-home", help="bioembed home folder (created if needed)")
     demo.add_argument("--plates", type=int, default=4, help="number of synthetic plates")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic screen")
     demo.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     demo.add_argument("--no-train", action="store_true", help="skip the train -> evaluate -> promote loop")
     demo.add_argument("--config", default=None, help="TOML of run-config fields over the synthetic defaults, e.g. "
@@ -366,31 +466,32 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train an encoder on the home's plates and register it as challenger, "
                            "then evaluate it against the champion")
-    train.add_argument("--home", required=True)
+    train.add_argument("--home", required=True, help="bioembed home folder")
     train.add_argument("--encoder", required=True, help="registered encoder name, e.g. ca_mae")
     train.add_argument("--plates", default="", help="comma-separated plates to train on (default: the champion's "
                        "plates); the evaluation always uses the champion's plates")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--warmup-epochs", type=int, default=1)
+    train.add_argument("--epochs", type=int, default=10, help="maximum training epochs")
+    train.add_argument("--batch-size", type=int, default=64, help="crops per step")
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    train.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up before the cosine decay")
     train.add_argument("--patience", type=int, default=3, help="early stopping (epochs without a better val loss)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, shuffling and initialisation")
     train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     train.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
     train.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch")
     train.add_argument("--resume", action="store_true", help="continue the last run from its checkpoint")
-    train.add_argument("--no-evaluate", action="store_true")
-    train.add_argument("--null-size", type=int, default=10000)
+    train.add_argument("--no-evaluate", action="store_true", help="register the challenger without evaluating it")
+    train.add_argument("--null-size", type=int, default=10000, help="permutations for mAP p-values")
     train.set_defaults(func=_train)
     compare = sub.add_parser("compare", help="every registered encoder version side by side (dims, throughput, "
                              "headline metrics per recipe); with --encoder: its champion vs challenger (and previous)")
-    compare.add_argument("--home", required=True)
+    compare.add_argument("--home", required=True, help="bioembed home folder")
     compare.add_argument("--encoder", default=None, help="compare one encoder's aliased versions on every metric")
+    _add_format(compare)
     compare.set_defaults(func=_compare)
     promote = sub.add_parser("promote", help="apply the promotion rule: challenger -> champion if it wins")
-    promote.add_argument("--home", required=True)
-    promote.add_argument("--encoder", required=True)
+    promote.add_argument("--home", required=True, help="bioembed home folder")
+    promote.add_argument("--encoder", required=True, help="registered encoder name, e.g. ca_mae")
     promote.add_argument("--force", metavar="REASON", default=None, help="promote even if the rule says no")
     promote.add_argument("--rollback", action="store_true", help="move champion back to `previous`")
     promote.set_defaults(func=_promote)
@@ -406,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--home", required=True, help="bioembed home folder (created if needed)")
     imp.add_argument("--name", required=True, help="feature-set name, e.g. lincs_cellprofiler; unique across "
                      "encoders and imports (an encoder's name, e.g. classical, is refused)")
-    imp.add_argument("--plate-col", default="Metadata_Plate")
-    imp.add_argument("--well-col", default="Metadata_Well")
+    imp.add_argument("--plate-col", default="Metadata_Plate", help="plate column of the profile tables")
+    imp.add_argument("--well-col", default="Metadata_Well", help="well column of the profile tables")
     imp.add_argument("--perturbation", default=None,
                      help="perturbation column(s), comma-separated (joined with ' @ '); default: the --compound "
                      "column, else Metadata_broad_sample")
@@ -415,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="match perturbation names case/punctuation-insensitively (U2-OS = U-2OS)")
     imp.add_argument("--negative", action="append", default=[], metavar="COL=VALUE[,VALUE]",
                      help="negative-control wells, e.g. Metadata_broad_sample=DMSO (repeatable)")
-    imp.add_argument("--positive", action="append", default=[], metavar="COL=VALUE[,VALUE]")
+    imp.add_argument("--positive", action="append", default=[], metavar="COL=VALUE[,VALUE]",
+                     help="positive-control wells, e.g. Metadata_pert_type=control (repeatable)")
     imp.add_argument("--moa", default=None, help="MoA column ('|' separates several MoAs)")
     imp.add_argument("--batch", default=None, metavar="COL", help="batch column, stored as `batch` (e.g. "
                      "Metadata_Batch_Number; default: each plate is its own batch)")
@@ -447,14 +549,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="NSC / NSCB treatment profiles: mean (default) or median of the replicate wells")
     imp.set_defaults(func=_import_profiles)
     sql = sub.add_parser("sql", help="run a SQL query on a home's catalog (read-only); prints every row")
-    sql.add_argument("query")
-    sql.add_argument("--home", default="bioembed-home")
+    sql.add_argument("query", help="DuckDB SQL over the catalog's views (plates, metrics, profiles, ...)")
+    sql.add_argument("--home", default="bioembed-home", help="bioembed home folder")
     sql.add_argument("--limit", type=int, default=None, metavar="N", help="print only the first N rows")
     sql.add_argument("--csv", action="store_true", help="print CSV (header + rows) instead of a table")
     sql.set_defaults(func=_sql)
     export = sub.add_parser("export", help="write a feature set's profiles as AnnData (.h5ad) or a pycytominer-style "
                             "wide table (Metadata_* + one column per feature; parquet or csv)")
-    export.add_argument("--home", required=True)
+    export.add_argument("--home", required=True, help="bioembed home folder")
     export.add_argument("--feature-set", required=True, help="an import's or an encoder's name, e.g. lincs or ca_mae")
     export.add_argument("--version", default=None, help="feature-set version (default: the latest)")
     export.add_argument("--recipe", default="raw", help="raw (the well profiles, default) or a fitted recipe, e.g. card")
@@ -463,9 +565,25 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", default=None, metavar="PATH",
                         help="output file or folder (default: <set>_v<version>_<recipe>.<format> here)")
     export.set_defaults(func=_export)
+    report = sub.add_parser("report", help="a home's headline metrics per feature set and recipe (and the "
+                            "synthetic ground-truth check); --markdown: the README's generated demo tables")
+    report.add_argument("--home", default="bioembed-home", help="bioembed home folder")
+    _add_format(report)
+    report.add_argument("--markdown", dest="format", action="store_const", const="markdown",
+                        help="same as --format markdown: the block between README.md's `bioembed report` markers")
+    report.add_argument("--update-readme", metavar="FILE", default=None,
+                        help="rewrite FILE's block between the `bioembed report` markers with the markdown")
+    report.set_defaults(func=_report_command)
     for command in sub.choices.values():  # every option's default in its --help
         command.formatter_class = _HelpWithDefaults
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dagster_project import cli_progress
+
+    cli_progress.QUIET = args.quiet
     if getattr(args, "home", None):  # caches (matplotlib's font list) live in the home, not in $HOME
         from bioembed_assets.config import Home
 
@@ -475,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, LookupError, ValueError, OSError) as exc:  # bad input or a failed run: say why, no traceback
         if args.debug:
             raise
-        print(f"bioembed {args.command}: {exc}", file=sys.stderr)
+        print(f"bioembed {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
