@@ -180,6 +180,17 @@ class RunConfig(BaseModel):
     mask_neighbors: bool = False
     """Zero the pixels of other cells inside each crop (as SubCell expects)."""
     tile_size: int = 256
+    min_cells_per_well: int = Field(default=1, ge=0)
+    """Fewest cell crops a well may keep; a plate with a well below it fails the blocking `cells_per_well`
+    check and goes no further downstream (1: no empty well; raise it, e.g. to 20, for full-size fields)."""
+    max_border_loss_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+    """Largest fraction of a plate's segmented cells that may be lost at the image border (`crop_border =
+    "drop"`) before the blocking `border_loss` check stops the plate. A crop of c px on fields of s px loses
+    about 1 - (1 - c/s)^2 of uniformly placed cells: 11 % for 64 px on 1080 px, 19 % on 640 px, 44 % on the
+    synthetic screen's 256 px sites (its config sets 0.6; `crop_border = "pad"` keeps them instead)."""
+    max_replicate_map_drop: float = Field(default=0.05, ge=0.0)
+    """Largest drop of a recipe's replicate mAP from the previous evaluation before the `replicate_map_regression`
+    check of `evaluation` warns (absolute mAP units)."""
     encoders: list[str] = Field(default_factory=lambda: ["classical", "ca_mae"])
     """Encoders to embed with: names from `bioembed encoders` (e.g. classical, ca_mae, vqvae, subcell,
     shape_embed) or `timm:<model_name>` for any timm backbone."""

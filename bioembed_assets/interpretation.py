@@ -12,15 +12,13 @@ from dataclasses import dataclass
 
 from bioembed_assets import schema as s
 from bioembed_assets.config import Home
+from bioembed_assets.encoder_setups import INTERPRETABLE_FAMILIES  # noqa: F401  re-exported
 from bioembed_assets.interpret.adapters import classifier_for
 from bioembed_assets.interpret.gradcam import CamClassifier
 from bioembed_assets.interpret.plate import PlateGradCAMO, gradcamo_plate
 from bioembed_assets.interpret.probe import train_linear_probe
 from bioembed_assets.registry import EncoderVersion
 from bioembed_assets.store.lake import Lake, features_to_numpy
-
-INTERPRETABLE_FAMILIES = frozenset({"supervised_cnn", "timm"})
-"""Families whose `gradcamo/<name>` asset the graph builds (CNN classifiers; ViTs via the library)."""
 
 
 @dataclass

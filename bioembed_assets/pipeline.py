@@ -11,10 +11,8 @@ import dataclasses
 import functools
 import inspect
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,16 @@ import polars as pl
 
 from bioembed_assets import schema as s
 from bioembed_assets.config import Home, RunConfig
-from bioembed_assets.encoders.base import Encoder, build_encoder
+from bioembed_assets.encoder_setups import (  # noqa: F401  re-exported: pipeline.EncoderSetup etc.
+    DEFAULT_ENCODERS,
+    TIMM_PREFIX,
+    TRAINABLE_FAMILIES,
+    EncoderSetup,
+    encoder_options,
+    encoder_setups,
+    timm_setup,
+)
+from bioembed_assets.encoders.base import Encoder
 from bioembed_assets.images.illumination import correct_plate_store, estimate_illumination, save_illumination
 from bioembed_assets.images.plots import plate_heatmap_png
 from bioembed_assets.images.qc import site_qc
@@ -37,103 +44,15 @@ from bioembed_assets.inference import (
 )
 from bioembed_assets.profiles.aggregate import aggregate_to_wells
 from bioembed_assets.registry import EncoderVersion
+from bioembed_assets.run_config import default_run_config, load_run_config, save_run_config  # noqa: F401  re-exported
 from bioembed_assets.segment.crops import extract_crops, extract_tiles
 from bioembed_assets.segment.plate import segment_plate
 from bioembed_assets.sources.layouts import list_fields
 from bioembed_assets.sources.platemap import read_platemap, resolve_platemap_path, validate_platemap_join
-from bioembed_assets.sources.synthetic import SYNTHETIC_CHANNEL_MAP
-from bioembed_assets.store.atomic import atomic_file
 from bioembed_assets.store.lake import Lake, features_to_numpy, with_features
 from bioembed_assets.store.locks import file_lock
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderSetup:
-    """An encoder the platform embeds with: registered-model name + how to build version 1."""
-
-    name: str
-    family: str
-    config: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    takes_channels: bool = False
-    """Whether the family is built for a fixed stain list (the run's channels) or is channel-agnostic."""
-
-    @property
-    def uses_gpu(self) -> bool:
-        """Whether embedding runs a neural network (GPU pool) rather than classical feature code."""
-        return self.family != "classical"
-
-    @property
-    def trainable(self) -> bool:
-        return self.family in TRAINABLE_FAMILIES
-
-    def build(self, channels: Sequence[str] | None = None, options: Mapping[str, Any] | None = None) -> Encoder:
-        """Version 1 of this encoder: its config, the run's channels (if it takes them), then `options`."""
-        config = dict(self.config)
-        if self.takes_channels and channels is not None:
-            config["channels"] = list(channels)
-        config.update(options or {})
-        encoder = build_encoder(self.family, **config)
-        needed = encoder.spec.channels
-        if channels is not None and needed is not None and (missing := [c for c in needed if c not in channels]):
-            raise ValueError(f"encoder {self.name} reads stains {missing} that the run's channels {list(channels)} "
-                             f"lack (set encoder_options.{self.name} to map it onto the plate's stains)")
-        return encoder
-
-
-TRAINABLE_FAMILIES = frozenset({"ca_mae", "ae", "vae", "beta_vae", "vqvae", "mae", "supervised_cnn", "timm",
-                                "shape_embed"})
-TIMM_PREFIX = "timm:"
-
-DEFAULT_ENCODERS: tuple[EncoderSetup, ...] = (
-    EncoderSetup("classical", "classical", {},
-                 "CellProfiler-like intensity, shape, texture and correlation features", takes_channels=True),
-    EncoderSetup("ca_mae", "ca_mae", {"preset": "demo", "seed": 0, "decoder": "demo"},
-                 "Channel-agnostic MAE ViT (OpenPhenom architecture) with its decoder, small CPU configuration"),
-    EncoderSetup("vae", "vae", {"latent_dim": 64, "input_size": 64, "seed": 0},
-                 "bioimage_embed-style convolutional VAE (64-d latent)", takes_channels=True),
-    EncoderSetup("supervised_cnn", "supervised_cnn", {"backbone": "resnet18", "input_size": 64, "seed": 0},
-                 "DeepProfiler-style weakly supervised CNN (timm ResNet-18; predicts each cell's treatment)",
-                 takes_channels=True),
-    EncoderSetup("ae", "ae", {"latent_dim": 64, "input_size": 64, "seed": 0},
-                 "bioimage_embed-style convolutional autoencoder (64-d latent)", takes_channels=True),
-    EncoderSetup("beta_vae", "beta_vae", {"latent_dim": 64, "input_size": 64, "seed": 0},
-                 "bioimage_embed-style beta-VAE (beta 4, 64-d latent)", takes_channels=True),
-    EncoderSetup("vqvae", "vqvae", {"latent_dim": 64, "input_size": 64, "num_embeddings": 512, "seed": 0},
-                 "bioimage_embed-style VQ-VAE: 512-code codebook, pre-quantization latent as the profile",
-                 takes_channels=True),
-    EncoderSetup("mae", "mae", {"preset": "tiny", "seed": 0},
-                 "bioimage_embed-style masked autoencoder ViT over the run's stains", takes_channels=True),
-    EncoderSetup("subcell", "subcell", {"seed": 0},
-                 "SubCell ViT-B/16 + attention pooling (set encoder_options.subcell.encoder_checkpoint to the "
-                 "published weights); localization probabilities as side outputs"),
-    EncoderSetup("shape_embed", "shape_embed", {"seed": 0},
-                 "ShapeEmbed: cell-contour distance matrices -> shift/reflection-invariant shape embedding"),
-)
-"""Encoders a run config can name; `RunConfig.encoders` picks which ones the graph embeds with."""
-
-
-# -- run configuration ----------------------------------------------------------------------------
-def default_run_config(home: Home) -> RunConfig:
-    """The synthetic screen's configuration: Phenix layout under `<home>/raw`, five stains."""
-    return RunConfig(layout="phenix", raw_root=str(home.raw_root), channels=list(s.CELL_PAINTING_CHANNELS),
-                     channel_map={str(k): v for k, v in SYNTHETIC_CHANNEL_MAP.items()})
-
-
-def load_run_config(home: Home) -> RunConfig:
-    """The RunConfig saved in the home by `save_run_config`, else the synthetic default."""
-    if home.run_config_path.exists():
-        return RunConfig.model_validate_json(home.run_config_path.read_text())
-    return default_run_config(home)
-
-
-def save_run_config(home: Home, config: RunConfig) -> Path:
-    """Make `config` this home's run configuration (read by every stage and the sensor)."""
-    with atomic_file(home.run_config_path) as tmp:
-        tmp.write_text(config.model_dump_json(indent=2))
-    return home.run_config_path
 
 
 def analysis_store(home: Home, plate: str, config: RunConfig) -> Path:
@@ -163,13 +82,14 @@ def one_run_per_plate(stage: str) -> Callable[[Callable[..., dict]], Callable[..
 
 
 @one_run_per_plate("raw_plate")
-def ingest_raw_plate(home: Home, plate: str, config: RunConfig | None = None) -> dict:
+def ingest_raw_plate(home: Home, plate: str, config: RunConfig | None = None,
+                     progress: ProgressCallback | None = None) -> dict:
     """Raw acquisition folder (any layout) -> zarr plate store + `images` lake partition with
-    per-site QC (focus, saturation, intensity; `qc_pass`, `qc_flags`)."""
+    per-site QC (focus, saturation, intensity; `qc_pass`, `qc_flags`). `progress(done, total)` per field stored."""
     cfg = config or load_run_config(home)
     fields_ = list_fields(cfg.layout, cfg.plate_dir(plate), plate, cfg.channel_map, **cfg.layout_options)
     table = ingest_plate(fields_, home.image_store(plate), cfg.channels, compressor=cfg.store_compressor,
-                         max_image_pixels=cfg.max_image_pixels)
+                         max_image_pixels=cfg.max_image_pixels, progress=progress)
     table = site_qc(home.image_store(plate), table)
     Lake(home.lake).write("images", table, plate=plate)
     return {"fields": table.height, "wells": table[s.WELL].n_unique(), "channels": cfg.channels,
@@ -198,28 +118,32 @@ def load_platemap(home: Home, plate: str, config: RunConfig | None = None) -> di
 
 
 @one_run_per_plate("illumination")
-def correct_illumination(home: Home, plate: str, config: RunConfig | None = None) -> dict:
+def correct_illumination(home: Home, plate: str, config: RunConfig | None = None,
+                         progress: ProgressCallback | None = None) -> dict:
     """Per-channel illumination function from all sites of the plate (stored), and the corrected
-    image store that segmentation and crops read. A no-op when switched off in the config."""
+    image store that segmentation and crops read. A no-op when switched off in the config.
+    `progress(done, total)` per field corrected."""
     cfg = config or load_run_config(home)
     if not cfg.illumination_correction:
         return {"enabled": False}
     illum = estimate_illumination(home.image_store(plate))
     save_illumination(illum, home.illumination_file(plate), cfg.channels)
-    correct_plate_store(home.image_store(plate), illum, home.corrected_store(plate))
+    correct_plate_store(home.image_store(plate), illum, home.corrected_store(plate), progress=progress)
     return {"enabled": True, **{f"{c}_min_max": f"{illum[i].min():.2f}..{illum[i].max():.2f}"
                                 for i, c in enumerate(cfg.channels)}}
 
 
 @one_run_per_plate("segmentation")
-def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None, progress: bool = False) -> dict:
-    """Nuclei (and, if configured, whole cells) of every field -> mask store + `nuclei` partition."""
+def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None,
+                      progress: ProgressCallback | None = None) -> dict:
+    """Nuclei (and, if configured, whole cells) of every field -> mask store + `nuclei` partition.
+    `progress(done, total)` per field segmented."""
     cfg = config or load_run_config(home)
     lake = Lake(home.lake)
     images = lake.read("images", plate=plate)
     _require(images, "images", plate, "raw_plate")
     nuclei = segment_plate(analysis_store(home, plate, cfg), images.select(s.PLATE, s.WELL, s.SITE, s.FIELD),
-                           home.mask_store(plate), nuclear_channel=cfg.nuclear_channel, progress=progress,
+                           home.mask_store(plate), nuclear_channel=cfg.nuclear_channel, on_field=progress,
                            cell_channel=cfg.cell_channel, backend=cfg.segmentation_backend,
                            model_path=Path(cfg.cellpose_model) if cfg.cellpose_model else None)
     lake.write("nuclei", nuclei, plate=plate)
@@ -228,9 +152,11 @@ def segment_raw_plate(home: Home, plate: str, config: RunConfig | None = None, p
 
 
 @one_run_per_plate("crops")
-def crop_cells(home: Home, plate: str, config: RunConfig | None = None) -> dict:
+def crop_cells(home: Home, plate: str, config: RunConfig | None = None,
+               progress: ProgressCallback | None = None) -> dict:
     """Single-cell crops around each nucleus (or whole-field tiles) -> crop store + `cells` lake
-    partition, each cell carrying its site's QC verdict (`qc_pass`, `qc_flags`)."""
+    partition, each cell carrying its site's QC verdict (`qc_pass`, `qc_flags`). `progress(done, total)`
+    per field cropped (crop mode; tiles report none)."""
     cfg = config or load_run_config(home)
     lake = Lake(home.lake)
     images = lake.read("images", plate=plate)
@@ -241,7 +167,7 @@ def crop_cells(home: Home, plate: str, config: RunConfig | None = None) -> dict:
         _require(nuclei, "nuclei", plate, "segmentation")
         cells, summary = extract_crops(analysis_store(home, plate, cfg), home.mask_store(plate), nuclei,
                                        home.crop_store(plate), crop_size=cfg.crop_size, border=cfg.crop_border,
-                                       mask_neighbors=cfg.mask_neighbors)
+                                       mask_neighbors=cfg.mask_neighbors, progress=progress)
     cells = cells.join(images.select(s.WELL, s.SITE, "qc_pass", "qc_flags"), on=[s.WELL, s.SITE], how="left")
     lake.write("cells", cells, plate=plate)
     per_well = cells.group_by(s.WELL).len()["len"]
@@ -389,32 +315,3 @@ def profiled_plates(home: Home) -> set[str]:
 def _require(df: pl.DataFrame, table: str, plate: str, asset: str) -> None:
     if df.height == 0:
         raise LookupError(f"plate {plate}: no {table} rows; materialize `{asset}` for this plate first")
-
-
-def timm_setup(name: str) -> EncoderSetup:
-    """The setup of `timm:<model_name>`: registered as `timm_<model_name>` (non-alphanumerics -> `_`)."""
-    model = name[len(TIMM_PREFIX):]
-    if not model:
-        raise KeyError(f"{name!r}: name a timm model after 'timm:', e.g. timm:resnet18")
-    registered = "timm_" + re.sub(r"[^A-Za-z0-9_]", "_", model)
-    return EncoderSetup(registered, "timm", {"model_name": model},
-                        f"timm backbone {model} as a feature extractor (weights only from a local checkpoint file)",
-                        takes_channels=True)
-
-
-def encoder_options(config: RunConfig, setup: EncoderSetup) -> dict[str, Any]:
-    """The run config's `encoder_options` for `setup` (keyed by its name, or as `timm:<model>`)."""
-    for key, options in config.encoder_options.items():
-        if key == setup.name or (key.startswith(TIMM_PREFIX) and timm_setup(key).name == setup.name):
-            return dict(options)
-    return {}
-
-
-def encoder_setups(names: Sequence[str]) -> list[EncoderSetup]:
-    """The encoder setups selected by name: `DEFAULT_ENCODERS` names and `timm:<model_name>`."""
-    known = {e.name: e for e in DEFAULT_ENCODERS}
-    unknown = [n for n in names if n not in known and not n.startswith(TIMM_PREFIX)]
-    if unknown:
-        raise KeyError(f"unknown encoders {unknown}; known: {sorted(known)} or timm:<model_name>")
-    return [timm_setup(n) if n.startswith(TIMM_PREFIX) else known[n] for n in names]
-

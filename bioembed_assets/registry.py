@@ -17,15 +17,17 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from bioembed_assets.encoders.base import Encoder, EncoderSpec, build_from_spec
 from bioembed_assets.mlflow_store import prepare_embedded_store
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.store.locks import file_lock
+
+if TYPE_CHECKING:  # torch: imported when an encoder is registered or loaded, not with the registry
+    from bioembed_assets.encoders.base import Encoder, EncoderSpec
 
 EXPERIMENT = "bioembed-encoders"
 EVALUATION_EXPERIMENT = "bioembed-evaluation"
@@ -110,6 +112,7 @@ class EncoderRegistry:
         from mlflow.entities import LoggedModelStatus
         from mlflow.exceptions import MlflowException
         from mlflow.models import Model
+        from safetensors.torch import save_file
 
         spec = encoder.spec
         if run_id is None:
@@ -209,6 +212,9 @@ class EncoderRegistry:
     def load_version(self, version: EncoderVersion) -> Encoder:
         """Rebuild `version` from its `spec.json` and `weights.safetensors` (no other file is read)."""
         import mlflow.artifacts
+        from safetensors.torch import load_file
+
+        from bioembed_assets.encoders.base import EncoderSpec, build_from_spec
 
         base = (self.client.get_logged_model(version.model_id).artifact_location if version.model_id
                 else version.source)

@@ -7,7 +7,7 @@ from typing import Literal
 import dagster as dg
 import polars as pl
 
-from bioembed_assets import feature_sets, pipeline
+from bioembed_assets.config import RunConfig
 from bioembed_assets.evaluate.crossfit import parse_crossfit
 from bioembed_assets.sources.profile_table import (
     ImportedFeatureSet,
@@ -21,12 +21,40 @@ from bioembed_assets.store.catalog import build_catalog
 from dagster_project.metadata import evaluation_metadata, lake_table_metadata, png_markdown, table_value
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
+from dagster_project.versions import owned
 
 INGEST, EMBED, PROFILE, EVALUATE, IMPORT, LEARN = "ingest", "embed", "profile", "evaluate", "import", "learn"
 
 
 def check_result(name: str, asset: str, passed: bool, **metadata) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=name, asset_key=asset, passed=bool(passed), metadata=metadata)
+
+
+def log_throughput(log, what: str, done: int, unit: str, start: float) -> None:
+    """INFO "<what>: <done> <unit> in <s> s (<rate> <unit>/s)": a step's throughput in the run log, for
+    library stages that take no progress callback."""
+    seconds = time.perf_counter() - start
+    log.info(f"{what}: {done} {unit} in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} {unit}/s)")
+
+
+def per_plate_check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
+    """A blocking check evaluated per plate: a failing plate's downstream assets are not materialized
+    (in the run, and by automation: see `refresh_when_upstream_updates`), other plates go on."""
+    return dg.AssetCheckSpec(name, asset=asset, blocking=True, partitions_def=plates, description=description)
+
+
+def crop_checks(summary: dict, config: RunConfig) -> list[dg.AssetCheckResult]:
+    """`cells_per_well` (every well keeps `min_cells_per_well` crops) and `border_loss` (at most
+    `max_border_loss_fraction` of the segmented cells dropped at the image border) of one plate."""
+    segmented, dropped = summary.get("cells", 0), summary.get("dropped_border", 0)
+    fraction = dropped / segmented if segmented else 0.0
+    return [check_result("cells_per_well", "crops", summary["min_cells_per_well"] >= config.min_cells_per_well,
+                         min_cells_per_well=summary["min_cells_per_well"], required=config.min_cells_per_well,
+                         wells_with_cells=summary["wells_with_cells"]),
+            check_result("border_loss", "crops", fraction <= config.max_border_loss_fraction,
+                         dropped_border=dropped, segmented_cells=segmented,
+                         border_loss_fraction=dg.MetadataValue.float(round(fraction, 4)),
+                         max_border_loss_fraction=dg.MetadataValue.float(config.max_border_loss_fraction))]
 
 
 def info_progress(log, what: str, every: float = 0.1):
@@ -52,20 +80,26 @@ def raise_if_recipes_failed(failed: dict[str, str], metadata: dict) -> None:
                          metadata=metadata)
 
 
-@dg.asset(partitions_def=plates, group_name=INGEST, kinds={"zarr", "parquet"})
+@dg.asset(partitions_def=plates, group_name=INGEST, kinds={"zarr", "parquet"}, **owned("raw_plate"))
 def raw_plate(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Plate images ingested from their acquisition layout into a zarr plate store, plus the image
     table with per-site QC (focus, saturation, intensity; failing sites are excluded downstream)."""
-    home, plate = bioembed.home(), context.partition_key
-    summary = pipeline.ingest_raw_plate(home, plate, bioembed.run_config())
+    from bioembed_assets import pipeline
+
+    home, plate, start = bioembed.home(), context.partition_key, time.perf_counter()
+    summary = pipeline.ingest_raw_plate(home, plate, bioembed.run_config(),
+                                        progress=info_progress(context.log, f"raw_plate {plate}: fields ingested"))
+    log_throughput(context.log, f"raw_plate {plate}: ingested", summary["fields"], "fields", start)
     return dg.MaterializeResult(metadata={**summary, **lake_table_metadata(home, "images", [{"plate": plate}])})
 
 
-@dg.asset(partitions_def=plates, group_name=INGEST, kinds={"parquet"},
+@dg.asset(partitions_def=plates, group_name=INGEST, kinds={"parquet"}, **owned("platemap"),
           check_specs=[dg.AssetCheckSpec("negative_controls_present", asset="platemap",
                                        description="The plate has negative-control wells (mAP and recipes need them).")])
 def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Wells -> perturbation, control type and MoA, validated (every plate needs negative controls)."""
+    from bioembed_assets import pipeline
+
     home, plate = bioembed.home(), context.partition_key
     summary = pipeline.load_platemap(home, plate, bioembed.run_config())
     if "warning" in summary:
@@ -76,36 +110,55 @@ def platemap(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.Ma
         check_results=[check_result("negative_controls_present", "platemap", n_neg > 0, negative_wells=n_neg)])
 
 
-@dg.asset(partitions_def=plates, group_name=INGEST, deps=[raw_plate], kinds={"numpy", "zarr"})
+@dg.asset(partitions_def=plates, group_name=INGEST, deps=[raw_plate], kinds={"numpy", "zarr"},
+          **owned("illumination"))
 def illumination(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Per-channel illumination function estimated from all sites of the plate (CellProfiler-style,
     stored) and the corrected image store read by segmentation and crops; switchable in the config."""
-    summary = pipeline.correct_illumination(bioembed.home(), context.partition_key, bioembed.run_config())
+    from bioembed_assets import pipeline
+
+    plate, start = context.partition_key, time.perf_counter()
+    context.log.info(f"illumination {plate}: estimating and correcting")
+    summary = pipeline.correct_illumination(bioembed.home(), plate, bioembed.run_config(),
+                                            progress=info_progress(context.log, f"illumination {plate}: fields corrected"))
+    context.log.info(f"illumination {plate}: done in {time.perf_counter() - start:.1f} s")
     return dg.MaterializeResult(metadata=summary)
 
 
-@dg.asset(partitions_def=plates, group_name=INGEST, deps=[illumination], kinds={"zarr", "parquet"})
+@dg.asset(partitions_def=plates, group_name=INGEST, deps=[illumination], kinds={"zarr", "parquet"},
+          **owned("segmentation"))
 def segmentation(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Nuclei masks (threshold + watershed on DNA; whole cells when configured) and the nucleus table."""
-    home, plate = bioembed.home(), context.partition_key
-    summary = pipeline.segment_raw_plate(home, plate, bioembed.run_config())
-    context.log.info(f"plate {plate}: {summary['nuclei']} nuclei")
+    from bioembed_assets import pipeline
+
+    home, plate, start = bioembed.home(), context.partition_key, time.perf_counter()
+    context.log.info(f"segmentation {plate}: segmenting")
+    summary = pipeline.segment_raw_plate(home, plate, bioembed.run_config(),
+                                         progress=info_progress(context.log, f"segmentation {plate}: fields segmented"))
+    log_throughput(context.log, f"segmentation {plate}: {summary['nuclei']} nuclei", summary["fields"], "fields", start)
     return dg.MaterializeResult(metadata={**summary, **lake_table_metadata(home, "nuclei", [{"plate": plate}])})
 
 
 @dg.asset(partitions_def=plates, group_name=INGEST, deps=[segmentation], kinds={"zarr", "parquet"},
-          check_specs=[dg.AssetCheckSpec("cells_per_well", asset="crops",
-                                       description="Every well of the plate kept at least one cell crop.")])
+          **owned("crops"), check_specs=[
+              per_plate_check("cells_per_well", "crops", "Every well of the plate kept at least `min_cells_per_well` "
+                              "cell crops (run config; default 1). Blocking: a failing plate is not embedded."),
+              per_plate_check("border_loss", "crops", "At most `max_border_loss_fraction` of the plate's segmented "
+                              "cells were dropped at the image border (run config; default 0.3). Blocking.")])
 def crops(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
     """Single-cell crops centred on each nucleus (border cells dropped and counted) and the cell
     table; plate heatmaps of cells per well and QC-failed sites."""
-    home, plate = bioembed.home(), context.partition_key
-    summary = pipeline.crop_cells(home, plate, bioembed.run_config())
+    from bioembed_assets import pipeline
+
+    home, plate, config, start = bioembed.home(), context.partition_key, bioembed.run_config(), time.perf_counter()
+    context.log.info(f"crops {plate}: cropping")
+    summary = pipeline.crop_cells(home, plate, config,
+                                  progress=info_progress(context.log, f"crops {plate}: fields cropped"))
+    log_throughput(context.log, f"crops {plate}: cropped", summary.get("kept", summary.get("tiles", 0)), "crops", start)
     heatmaps = {name: png_markdown(png, name) for name, png in pipeline.plate_heatmaps(home, plate).items()}
-    ok = summary["min_cells_per_well"] >= 1
     return dg.MaterializeResult(
         metadata={**summary, **lake_table_metadata(home, "cells", [{"plate": plate}]), **heatmaps},
-        check_results=[check_result("cells_per_well", "crops", ok, min_cells_per_well=summary["min_cells_per_well"])])
+        check_results=crop_checks(summary, config))
 
 
 class ProfileImportConfig(dg.Config):
@@ -154,13 +207,15 @@ def _import_row(result: ImportedFeatureSet) -> tuple:
             result.dropped_features, len(result.dropped_non_numeric), "")
 
 
-@dg.asset(group_name=IMPORT, kinds={"parquet"})
+@dg.asset(group_name=IMPORT, kinds={"parquet"}, **owned("imported_profiles"))
 def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportConfig,
                       bioembed: BioembedHome) -> list[dict]:
     """Well-level profiles from pycytominer/JUMP/CellProfiler-style tables, stored as named, versioned
     feature sets. A configured import is validated and imported before it is registered; without
     config each registered import is re-run on its own, and the step fails at the end naming those
     that failed (the others are imported)."""
+    from bioembed_assets import feature_sets
+
     root = bioembed.home().root
     done, rows, failed = [], [], {}
     if config.name or config.files:
@@ -196,10 +251,12 @@ def imported_profiles(context: dg.AssetExecutionContext, config: ProfileImportCo
     return done
 
 
-@dg.asset(group_name=IMPORT, kinds={"duckdb"})
+@dg.asset(group_name=IMPORT, kinds={"duckdb"}, **owned("imported_evaluation"))
 def imported_evaluation(context: dg.AssetExecutionContext, imported_profiles: list[dict],
                         bioembed: BioembedHome) -> dg.MaterializeResult:
     """Each imported feature set normalized with its recipes and evaluated like any embedding."""
+    from bioembed_assets import feature_sets
+
     home = bioembed.home()
     meta: dict[str, dg.MetadataValue] = {}
     failed: dict[str, str] = {}

@@ -8,7 +8,7 @@ trainable, `challenger/`) assets.
 import dagster as dg
 
 from bioembed_assets.config import Home
-from bioembed_assets.pipeline import load_run_config
+from bioembed_assets.run_config import load_run_config
 from dagster_project.assets import INGEST_ASSETS
 from dagster_project.encoder_assets import embeddings_key
 from dagster_project.graph import AssetGraph, build_graph
@@ -26,7 +26,7 @@ def build_jobs(graph: AssetGraph) -> list:
                             description="Ingest a plate: images + QC, platemap, illumination, segmentation, crops"),
         # embeddings alone: they share one backfill policy (many plates per run, the model loaded once);
         # well profiles and what follows them come by automation
-        dg.define_asset_job("embed", selection=dg.AssetSelection.assets(*map(embeddings_key, graph.encoders)),
+        dg.define_asset_job("embed", selection=dg.AssetSelection.assets(*map(embeddings_key, graph.registered)),
                             partitions_def=plates, description="Embed plates' crops with each encoder's champion"),
         dg.define_asset_job("refit_normalizer", selection=dg.AssetSelection.assets(graph.normalizer),
                             description="Refit the normalization recipes on every profiled plate; automation then "

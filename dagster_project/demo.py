@@ -177,7 +177,7 @@ def learning_loop(home: Home, resource: BioembedHome, graph: AssetGraph, encoder
     log(f"  challenger/{encoder}: trained {value.get('epochs_run')} epochs in {outcome.seconds['train']:.0f} s; "
         f"{outcome.decision}")
     t1 = time.perf_counter()
-    changed = report_champion_changes(instance, resource.registry(), graph.encoders)
+    changed = report_champion_changes(instance, resource.registry(), graph.registered)
     ticks, _ = settle(defs, graph.all, instance, resources, cursor)
     for requested in ticks:
         for key, partitions in requested.items():

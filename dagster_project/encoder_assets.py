@@ -8,18 +8,14 @@ champion version, and everything downstream follows.
 
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from bioembed_assets import challenger as challenger_lib
-from bioembed_assets import pipeline
-from bioembed_assets.inference import resolve_device
-from bioembed_assets.pipeline import EncoderSetup
+from bioembed_assets.encoder_setups import EncoderSetup
 from bioembed_assets.promotion import apply_promotion, decide
 from bioembed_assets.registry import CHALLENGER
-from bioembed_assets.training.loop import TrainConfig
-from bioembed_assets.training.run import train_challenger
-from dagster_project.assets import EMBED, LEARN, check_result, crops, info_progress
+from dagster_project.assets import EMBED, LEARN, check_result, crops, info_progress, per_plate_check
 from dagster_project.metadata import (
     DAGSTER_RUN_TAG,
     evaluation_metadata,
@@ -31,6 +27,10 @@ from dagster_project.metadata import (
 )
 from dagster_project.partitions import plates
 from dagster_project.resources import BioembedHome
+from dagster_project.versions import owned
+
+if TYPE_CHECKING:
+    from bioembed_assets.training.loop import TrainConfig
 
 CHAMPION_VERSION = "champion_version"
 
@@ -49,6 +49,7 @@ def reembed_on_new_champion(name: str) -> dg.AutomationCondition:
     encoder_updated = (dg.AutomationCondition.any_deps_match(dg.AutomationCondition.newly_updated())
                        .allow(dg.AssetSelection.assets(encoder_key(name))))
     return (encoder_updated.since_last_handled() & ~dg.AutomationCondition.any_deps_missing()
+            & dg.AutomationCondition.all_deps_blocking_checks_passed()  # a plate that failed `crops`' checks
             & ~dg.AutomationCondition.any_deps_in_progress() & ~dg.AutomationCondition.in_progress()
             ).with_label(f"re-embed on new {name} champion")
 
@@ -73,8 +74,10 @@ class ChallengerConfig(dg.Config):
     promote: bool = False
     """Apply the promotion rule's decision (move `champion`) when it says promote."""
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self) -> "TrainConfig":
         """The loop settings among these fields (the rest say what to do around the training)."""
+        from bioembed_assets.training.loop import TrainConfig
+
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
@@ -83,11 +86,13 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
     """The assets of one configured encoder."""
     name = setup.name
 
-    @dg.asset(key=encoder_key(name), group_name=EMBED, kinds={"mlflow"},
+    @dg.asset(key=encoder_key(name), group_name=EMBED, kinds={"mlflow"}, **owned("encoder"),
               description=f"The `champion` version of encoder {name} in the MLflow registry ({setup.description}); "
                           "registers an untrained version 1 if there is none. Its data version is the champion "
                           "version; the registry sensor reports each promotion as a new materialization.")
     def encoder_asset(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        from bioembed_assets import pipeline
+
         run_config = bioembed.run_config()
         options = pipeline.encoder_options(run_config, setup)
         version = bioembed.registry().ensure(name, lambda: setup.build(run_config.channels, options),
@@ -99,12 +104,16 @@ def build_encoder_assets(setup: EncoderSetup) -> list[dg.AssetsDefinition]:
     @dg.asset(key=embeddings_key(name), partitions_def=plates, group_name=EMBED, deps=[crops, encoder_key(name)],
               pool="gpu" if setup.uses_gpu else None, kinds={"pytorch" if setup.uses_gpu else "numpy", "parquet"},
               backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=8),
-              automation_condition=reembed_on_new_champion(name),
-              check_specs=[dg.AssetCheckSpec("embeddings_finite", asset=embeddings_key(name),
-                                                 description="No embedding row holds a NaN or infinite value.")],
+              automation_condition=reembed_on_new_champion(name), **owned("embeddings"),
+              check_specs=[per_plate_check("embeddings_finite", embeddings_key(name),
+                                           "No embedding row holds a NaN or infinite value. Blocking: a plate that "
+                                           "fails is not profiled (a multi-plate backfill run is checked as one).")],
               description=f"Per-cell embeddings from encoder {name}'s champion version (loaded once per run, "
                           "batched on GPU when present); rows carry the version.")
     def embeddings_asset(context: dg.AssetExecutionContext, bioembed: BioembedHome) -> dg.MaterializeResult:
+        from bioembed_assets import pipeline
+        from bioembed_assets.inference import resolve_device
+
         model, version = bioembed.registry().load(name)
         device = resolve_device(bioembed.device)
         model.to(device)
@@ -138,7 +147,7 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
     key = dg.AssetKey(["challenger", name])
 
     @dg.asset(key=key, group_name=LEARN, deps=[crops, encoder_key(name)], kinds={"pytorch", "mlflow"},
-              pool="gpu", check_specs=[dg.AssetCheckSpec(
+              pool="gpu", **owned("challenger"), check_specs=[dg.AssetCheckSpec(
                   "promotion_rule", asset=key,
                   description="The promotion rule's verdict on this challenger vs the champion (passes = promote).")],
               description=f"Encoder {name} trained on the plates' crops from its champion, registered as "
@@ -146,6 +155,9 @@ def _challenger_asset(setup: EncoderSetup) -> dg.AssetsDefinition:
                           "the `promotion_rule` check reports the rule's decision (and applies it with promote).")
     def challenger_asset(context: dg.AssetExecutionContext, config: ChallengerConfig,
                          bioembed: BioembedHome) -> dg.MaterializeResult:
+        from bioembed_assets import challenger as challenger_lib
+        from bioembed_assets.training.run import train_challenger
+
         home, registry, run_config = bioembed.home(), bioembed.registry(), bioembed.run_config()
         run_config.promotion.check_names(list(run_config.recipes))
         champion = bioembed.champion(name)

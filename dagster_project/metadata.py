@@ -2,18 +2,22 @@
 across materializations, the row count and column schema of the lake partitions an asset wrote,
 plots as images and links to the MLflow runs and model versions an asset logged."""
 
+from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
 
-from bioembed_assets import feature_sets
 from bioembed_assets.config import Home
 from bioembed_assets.registry import EncoderRegistry, EncoderVersion
 from bioembed_assets.store.lake import Lake
+
+if TYPE_CHECKING:  # sklearn: imported by the assets that evaluate
+    from bioembed_assets import feature_sets
 
 HEADLINE_METRICS = ("replicate_map", "fraction_retrieved", "moa_map")
 """Metrics recorded as numbers per recipe (the asset's Plots tab draws them over materializations)."""
@@ -66,6 +70,18 @@ def evaluation_metadata(result: feature_sets.Evaluation, prefix: str) -> dict[st
         meta[f"{prefix}failed_recipes"] = table_value(pl.DataFrame(
             {"recipe": list(result.failed), "error": list(result.failed.values())}))
     return meta | {f"{prefix}{plot}": png_markdown(png, plot) for plot, png in result.plots.items()}
+
+
+def headline_changes(previous: Mapping[str, object], current: Mapping[str, object],
+                     metric: str = "replicate_map") -> pl.DataFrame:
+    """The numbers `<prefix><recipe>/<metric>` (as `evaluation_metadata` records them) that both
+    materializations' metadata hold: key, previous, current and the drop (previous - current)."""
+    suffix = f"/{metric}"
+    rows = [(key, float(previous[key].value), float(value.value)) for key, value in current.items()
+            if key.endswith(suffix) and isinstance(value, dg.FloatMetadataValue)
+            and isinstance(previous.get(key), dg.FloatMetadataValue)]
+    return (pl.DataFrame(rows, schema={"metric": pl.String, "previous": pl.Float64, "current": pl.Float64}, orient="row")
+            .with_columns((pl.col("previous") - pl.col("current")).alias("drop")))
 
 
 def mlflow_run_url(ui_url: str, registry: EncoderRegistry, run_id: str) -> dg.UrlMetadataValue:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from bioembed_assets.config import HOME_ENV_VAR, Home, RunConfig
-from bioembed_assets.inference import EngineOptions
-from bioembed_assets.pipeline import EncoderSetup, encoder_setups, load_run_config
+from bioembed_assets.encoder_setups import EncoderSetup, encoder_setups
 from bioembed_assets.registry import EncoderRegistry, EncoderVersion
+from bioembed_assets.run_config import load_run_config
+
+if TYPE_CHECKING:
+    from bioembed_assets.inference import EngineOptions
 
 
 class BioembedHome(dg.ConfigurableResource):
@@ -39,6 +43,8 @@ class BioembedHome(dg.ConfigurableResource):
 
     def engine_options(self) -> EngineOptions:
         """How the embedding engine runs (see `bioembed_assets.inference.EngineOptions`)."""
+        from bioembed_assets.inference import EngineOptions  # torch: imported when a run embeds
+
         return EngineOptions(batch_size=self.batch_size, precision=self.precision, workers=self.reader_workers,
                              compile=self.compile)
 

@@ -80,7 +80,7 @@ def build_registry_sensor(graph: AssetGraph) -> dg.SensorDefinition:
     def encoder_registry_sensor(context: dg.SensorEvaluationContext, bioembed: BioembedHome) -> dg.SensorResult:
         """Reports each promotion (or rollback) in the MLflow registry as a new materialization of
         `encoder/<name>`; declarative automation then re-embeds that encoder's plates."""
-        events = champion_changes(context.instance, bioembed.registry(), graph.encoders)
+        events = champion_changes(context.instance, bioembed.registry(), graph.registered)
         if not events:
             return dg.SensorResult(skip_reason="no champion changed")
         for e in events:

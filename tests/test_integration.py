@@ -128,7 +128,7 @@ def test_rematerializing_a_plate_is_identical_and_adds_no_duplicates(materialize
         assert result.success
         checks += result.get_asset_check_evaluations()
     assert {(c.asset_key.to_user_string(), c.check_name) for c in checks} == {
-        ("platemap", "negative_controls_present"), ("crops", "cells_per_well"),
+        ("platemap", "negative_controls_present"), ("crops", "cells_per_well"), ("crops", "border_loss"),
         ("embeddings/classical", "embeddings_finite"), ("embeddings/ca_mae", "embeddings_finite")}
     assert all(c.passed for c in checks)
     after = snapshot()

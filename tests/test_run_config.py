@@ -168,3 +168,23 @@ def test_cli_says_a_config_typo_in_one_line_shows_defaults_and_knows_its_version
     from importlib.metadata import version
 
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"bioembed {version('bioembed')}"
+
+
+def test_stages_report_progress_per_field(home) -> None:
+    home, plate = home
+    cfg = pipeline.default_run_config(home)
+    calls: dict[str, list[tuple[int, int]]] = {}
+
+    def recorder(stage: str):
+        return lambda done, total: calls.setdefault(stage, []).append((done, total))
+
+    fields = pipeline.ingest_raw_plate(home, plate, cfg, progress=recorder("ingest"))["fields"]
+    pipeline.load_platemap(home, plate, cfg)
+    pipeline.correct_illumination(home, plate, cfg, progress=recorder("illumination"))
+    pipeline.segment_raw_plate(home, plate, cfg, progress=recorder("segmentation"))
+    pipeline.crop_cells(home, plate, cfg, progress=recorder("crops"))
+    assert set(calls) == {"ingest", "illumination", "segmentation", "crops"}
+    for stage, seen in calls.items():
+        done, total = seen[-1]
+        assert done == total and [d for d, _ in seen] == sorted(d for d, _ in seen), stage
+    assert calls["ingest"][-1] == (fields, fields) and calls["illumination"][-1][1] == fields
