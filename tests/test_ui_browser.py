@@ -352,18 +352,20 @@ def _run_log_shows_info_progress(page, dagster_url: str, home, backfill_id: str,
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(home.dagster_home)) as instance:
-        progress, throughput = {}, set()
+        progress: dict[str, tuple[str, str]] = {}  # run id -> (step, last progress line of its raw_plate step)
+        throughput = set()
         for record in instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id})):
             for entry in instance.all_logs(record.dagster_run.run_id):
                 if entry.level == logging.INFO and entry.user_message and not entry.dagster_event:
-                    if PROGRESS.search(entry.user_message):
-                        progress.setdefault(record.dagster_run.run_id, entry.user_message)
+                    if PROGRESS.search(entry.user_message) and entry.step_key == "raw_plate":
+                        progress[record.dagster_run.run_id] = (entry.step_key, entry.user_message)
                     if THROUGHPUT.search(entry.user_message):
                         throughput.add(entry.step_key)
-    assert progress, "no run logged INFO progress"
+    assert progress, "no run logged INFO progress for its raw_plate step"
     assert {"raw_plate", "segmentation", "crops"} <= throughput, throughput
-    run_id, line = next(iter(progress.items()))
-    page.goto(f"{dagster_url}/runs/{run_id}", wait_until="load")
+    run_id, (step, line) = next(iter(progress.items()))
+    # the run page's own log filter (URL state of the UI's filter box): that step's INFO lines only
+    page.goto(f"{dagster_url}/runs/{run_id}?logs=step%3A{step}&hideNonMatches=true&levels=info", wait_until="load")
     page.get_by_text(line.split(": ")[-1], exact=False).first.wait_for(timeout=60_000)
     page.screenshot(path=screenshots / "dagster-run-progress.png", full_page=True)
 
@@ -389,8 +391,10 @@ def _evaluation_page_shows_tables_numbers_and_mlflow_links(page, servers, screen
 def _checks_tab_describes_checks(page, dagster_url: str, screenshots: Path) -> None:
     page.goto(f"{dagster_url}/assets/crops?view=checks", wait_until="load")
     page.get_by_text("cells_per_well", exact=True).first.wait_for(timeout=60_000)
-    page.get_by_text("border_loss", exact=True).first.wait_for()
-    page.get_by_text("Every well of the plate kept at least", exact=False).first.wait_for()  # `…` renders as code
+    for check, words in (("border_loss", "cells were dropped at the image border"),
+                         ("cells_per_well", "Every well of the plate kept at least")):
+        page.get_by_text(check, exact=True).first.click()  # the tab shows the selected check's description
+        page.get_by_text(words, exact=False).first.wait_for(timeout=60_000)
     page.screenshot(path=screenshots / "dagster-crops-checks.png", full_page=True)
 
 
