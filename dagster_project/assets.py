@@ -31,8 +31,8 @@ def check_result(name: str, asset: str, passed: bool, **metadata) -> dg.AssetChe
 
 
 def log_throughput(log, what: str, done: int, unit: str, start: float) -> None:
-    """INFO "<what>: <done> <unit> in <s> s (<rate> <unit>/s)": a step's throughput in the run log, for
-    library stages that take no progress callback."""
+    """INFO "<what>: <done> <unit> in <s> s (<rate> <unit>/s)": a step's whole throughput in the run log,
+    after its per-field `info_progress` lines."""
     seconds = time.perf_counter() - start
     log.info(f"{what}: {done} {unit} in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} {unit}/s)")
 

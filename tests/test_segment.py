@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
 from bioembed_assets.images.ngff import open_plate_store, write_plate_store
+from bioembed_assets.images.store import open_plate_images
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.segment.cellpose_backend import segment_nuclei_cellpose
 from bioembed_assets.segment.cells import segment_cells
@@ -22,7 +23,6 @@ from bioembed_assets.segment.nuclei import estimate_nuclear_diameter, segment_nu
 from bioembed_assets.segment.plate import (
     CELL_AREA,
     CELL_TABLE_SCHEMA,
-    open_plate_images,
     open_plate_masks,
     segment_plate,
 )

@@ -44,7 +44,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from bioembed_assets.schema import BioembedInputError, parse_well
+from bioembed_assets.schema import BioembedInputError, parse_well, well_name
+from bioembed_assets.store.atomic import atomic_dir
 
 NGFF_VERSION = "0.5"
 LEVELS = 3
@@ -62,18 +63,16 @@ _PALETTE = ("00FFFF", "FF8000", "8000FF", "80FF00", "FF0080", "0080FF")
 _BLOSC: dict[str, tuple[str, int, str]] = {"lz4": ("lz4", 5, "shuffle"), "zstd": ("zstd", 1, "bitshuffle")}
 
 
-def _row_name(row: int) -> str:
-    letters = ""
-    while row:
-        row, rem = divmod(row - 1, 26)
-        letters = chr(ord("A") + rem) + letters
-    return letters
+def split_well(well: str) -> tuple[str, int]:
+    """(row letters, column number) of a well id: 'B07' -> ('B', 7)."""
+    _, col = parse_well(well)  # validates
+    return well.rstrip("0123456789"), col
 
 
 def well_path(well: str) -> str:
     """NGFF path of a well id: 'B07' -> 'B/7'."""
-    row, col = parse_well(well)
-    return f"{_row_name(row)}/{col}"
+    row, col = split_well(well)
+    return f"{row}/{col}"
 
 
 def downsample(level: np.ndarray) -> np.ndarray:
@@ -125,7 +124,8 @@ class PlateLayout:
         wells = [{"path": well_path(w), "rowIndex": rows.index(r), "columnIndex": cols.index(c)}
                  for w, (r, c) in sorted(coords.items(), key=lambda item: item[1])]
         counts = {w: self.wells.count(w) for w in coords}
-        return {"version": NGFF_VERSION, "name": self.plate, "rows": [{"name": _row_name(r)} for r in rows],
+        row_names = {r: split_well(w)[0] for w, (r, _) in coords.items()}
+        return {"version": NGFF_VERSION, "name": self.plate, "rows": [{"name": row_names[r]} for r in rows],
                 "columns": [{"name": str(c)} for c in cols], "wells": wells, "field_count": max(counts.values())}
 
     def well_images(self) -> dict[str, list[str]]:
@@ -421,9 +421,6 @@ def write_plate_store(path: Path, fields: np.ndarray, channels: Sequence[str], p
                       pixel_size_um: float | None = None) -> Path:
     """Write (atomically) an image plate store from an in-memory (n_fields, C, H, W) array; field i is
     (wells[i], sites[i]), by default well i of row A.. in plate order, site 1."""
-    from bioembed_assets.schema import well_name
-    from bioembed_assets.store.atomic import atomic_dir
-
     fields = np.asarray(fields)
     n = len(fields)
     wells = list(wells) if wells is not None else [well_name(1 + i // 24, 1 + i % 24) for i in range(n)]

@@ -16,9 +16,9 @@ import polars as pl
 import zarr
 from skimage.segmentation import expand_labels
 
-from bioembed_assets.images.ngff import open_plate_store
+from bioembed_assets.images.ngff import PlateLayout, open_plate_store
 from bioembed_assets.schema import FIELD, PLATE, SITE, WELL, BioembedInputError, ProgressCallback
-from bioembed_assets.segment.plate import CELL_LABELS, open_plate_images, open_plate_masks
+from bioembed_assets.segment.plate import CELL_LABELS, open_plate_masks
 from bioembed_assets.store.atomic import atomic_dir
 
 CROP_INDEX = "crop_index"
@@ -129,7 +129,8 @@ def extract_crops(
         raise ValueError(f"crop_size must be positive, got {crop_size}")
     if border not in ("drop", "pad"):
         raise ValueError(f"border must be 'drop' or 'pad', got {border!r}")
-    images, plate, channels = open_plate_images(store_path)
+    source = open_plate_store(store_path, "images")
+    images, plate, channels = source.fields(), source.plate, source.channels
     n_fields, n_ch, h, w = images.shape
     labels, cell_labels = open_plate_masks(masks_path)
     for name, arr in (("nuclei", labels), (CELL_LABELS, cell_labels)):
@@ -205,15 +206,15 @@ def extract_crops(
     return kept.select(pl.exclude(CROP_INDEX), CROP_INDEX), summary
 
 
-def _field_index(store_path: Path, plate: str, n_fields: int, image_table: pl.DataFrame | None) -> pl.DataFrame:
-    """(plate, well, site, field) of the fields to tile: from `image_table`, else the store's attrs."""
+def _field_index(store_path: Path, layout: PlateLayout, n_fields: int, image_table: pl.DataFrame | None) -> pl.DataFrame:
+    """(plate, well, site, field) of the fields to tile: from `image_table`, else the store's layout."""
+    plate = layout.plate
     if image_table is not None:
         missing = {WELL, SITE, FIELD} - set(image_table.columns)
         if missing:
             raise BioembedInputError(f"image table lacks columns {sorted(missing)}", plate=plate, path=store_path)
         table = image_table.select(WELL, SITE, FIELD)
     else:
-        layout = open_plate_store(store_path, "images").layout
         table = pl.DataFrame({WELL: list(layout.wells), SITE: list(layout.sites), FIELD: list(range(n_fields))})
     table = table.with_columns(pl.col(WELL).cast(pl.Utf8), pl.col(SITE).cast(pl.Int64), pl.col(FIELD).cast(pl.Int64))
     bad = table.filter((pl.col(FIELD) < 0) | (pl.col(FIELD) >= n_fields))
@@ -258,11 +259,12 @@ def extract_tiles(
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     if stride is not None and stride < 1:
         raise ValueError(f"stride must be positive, got {stride}")
-    images, plate, channels = open_plate_images(store_path)
+    source = open_plate_store(store_path, "images")
+    images, plate, channels = source.fields(), source.plate, source.channels
     n_fields, n_ch, h, w = images.shape
     if tile_size > min(h, w):
         raise BioembedInputError(f"tile_size {tile_size} larger than the {h}x{w} images", plate=plate, path=store_path)
-    fields = _field_index(store_path, plate, n_fields, image_table)
+    fields = _field_index(store_path, source.layout, n_fields, image_table)
     y0, x0 = tile_origins(h, w, tile_size, stride)
     per_field = len(y0)
     covered_h = int(y0.max()) + tile_size

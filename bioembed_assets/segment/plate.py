@@ -52,12 +52,6 @@ def label_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return ids, sy[ids] / area[ids], sx[ids] / area[ids], area[ids]
 
 
-def open_plate_images(store_path: Path) -> tuple[FieldStack, str, list[str]]:
-    """Open a plate image store read-only: (fields (n_fields, C, H, W), plate name, channel names)."""
-    store = open_plate_store(Path(store_path), "images")
-    return store.fields(), store.plate, store.channels
-
-
 def open_plate_masks(masks_path: Path) -> tuple[FieldStack, FieldStack | None]:
     """The nuclei and (whole-cell mode) cell labels of a mask store, each (n_fields, H, W)."""
     store = open_plate_store(Path(masks_path), "masks")
@@ -116,7 +110,8 @@ def segment_plate(
     by field, label; centroids and `area` are the nucleus's.
     """
     store_path, masks_path = Path(store_path), Path(masks_path)
-    images, plate, channels = open_plate_images(store_path)
+    source = open_plate_store(store_path, "images")
+    images, plate, channels = source.fields(), source.plate, source.channels
     if nuclear_channel not in channels:
         raise BioembedInputError(
             f"nuclear channel {nuclear_channel!r} not in the plate's channels {channels}",
@@ -146,9 +141,8 @@ def segment_plate(
     n_stats = 6 if cc is not None else 5
     names = [NUCLEI] + ([CELLS] if cc is not None else [])
     with atomic_dir(masks_path) as tmp:
-        store = open_plate_store(store_path, "images")
-        writer = PlateWriter(tmp, store.layout, "masks", (h, w), np.dtype("int32"), compressor="lz4",
-                             pixel_size_um=store.attrs.get("pixel_size_um"), attrs={"labels": names})
+        writer = PlateWriter(tmp, source.layout, "masks", (h, w), np.dtype("int32"), compressor="lz4",
+                             pixel_size_um=source.attrs.get("pixel_size_um"), attrs={"labels": names})
         writer.begin()
         empty = np.zeros((h, w), np.int32)
         for f in sorted(set(range(n_fields)) - set(table[FIELD].to_list())):

@@ -40,6 +40,9 @@ from bioembed_assets.schema import BioembedInputError, parse_well, validate_plat
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """Suffixes treated as image files when scanning a plate folder (case-insensitive)."""
+LENGTH_UNITS_UM = {"m": 1e6, "meter": 1e6, "mm": 1e3, "millimeter": 1e3, "um": 1.0, "µm": 1.0, "micrometer": 1.0,
+                   "nm": 1e-3, "nanometer": 1e-3, "angstrom": 1e-4}
+"""Micrometres per unit, for pixel sizes in acquisition metadata (Harmony `Unit` attributes, NGFF axis units)."""
 MAX_IMAGE_PIXELS = 2**26
 """Default bound on the pixels of one image (8192 x 8192; `RunConfig.max_image_pixels`): a header claiming
 more is refused before anything is allocated."""

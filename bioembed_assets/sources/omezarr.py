@@ -36,6 +36,7 @@ import zarr
 
 from bioembed_assets.schema import BioembedInputError
 from bioembed_assets.sources.layouts import (
+    LENGTH_UNITS_UM,
     ChannelMap,
     FieldCollector,
     as_int,
@@ -256,17 +257,14 @@ def _axes(ms: dict[str, Any], where: _Where) -> str:
     return "".join(names)
 
 
-_UNITS_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
-
-
 def _pixel_size_um(ms: dict[str, Any], dataset: dict[str, Any]) -> float | None:
     """x pixel size (µm) of a multiscales level: its (and the multiscale's) `scale` along x, when x has a
     known space unit; None otherwise (no unit means no physical size)."""
     axes = [a for a in ms.get("axes") or [] if isinstance(a, dict)]
     names = [str(a.get("name", "")).lower() for a in axes]
-    if "x" not in names or axes[names.index("x")].get("unit") not in _UNITS_UM:
+    if "x" not in names or axes[names.index("x")].get("unit") not in LENGTH_UNITS_UM:
         return None
-    size = _UNITS_UM[axes[names.index("x")]["unit"]]
+    size = LENGTH_UNITS_UM[axes[names.index("x")]["unit"]]
     for transforms in (dataset.get("coordinateTransformations"), ms.get("coordinateTransformations")):
         for tr in transforms or []:
             scale = tr.get("scale") if isinstance(tr, dict) and tr.get("type") == "scale" else None

@@ -15,6 +15,7 @@ from typing import Any
 
 from bioembed_assets.schema import BioembedInputError, well_name
 from bioembed_assets.sources.layouts import (
+    LENGTH_UNITS_UM,
     ChannelMap,
     FieldCollector,
     FieldFiles,
@@ -71,9 +72,6 @@ def list_phenix_fields(
     return collector.file_fields(expected, pixel_size_um=phenix_pixel_size_um(folder))
 
 
-_UNITS_UM = {"m": 1e6, "mm": 1e3, "um": 1.0, "µm": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3}
-
-
 def phenix_pixel_size_um(folder: Path) -> float | None:
     """The image pixel size (µm) from the Harmony/Phenix `Index.xml` (or `Index.idx.xml`) beside the images:
     the first `ImageResolutionX` (in metres in Harmony exports); None when there is no such file or value."""
@@ -86,7 +84,7 @@ def phenix_pixel_size_um(folder: Path) -> float | None:
             try:
                 for _, element in ET.iterparse(path):
                     if element.tag.rsplit("}", 1)[-1] == "ImageResolutionX" and (element.text or "").strip():
-                        factor = _UNITS_UM.get(str(element.get("Unit", "m")).strip(), None)
+                        factor = LENGTH_UNITS_UM.get(str(element.get("Unit", "m")).strip(), None)
                         value = float(element.text) * factor if factor else None
                         return value if value and value > 0 else None
             except (ET.ParseError, ValueError):
